@@ -1,0 +1,82 @@
+"""The `spmdinfer` command: a thin layer over the library API.
+
+`--help` and `validate` never start MPI or import a framework; `run` starts MPI
+only after the job file has been read and checked.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import traceback
+
+from . import __version__
+from .errors import SpmdinferError
+from .spec import load_spec
+from .topology import launcher_rank
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="spmdinfer",
+        description="Score an HDF5 dataset with a sharded model, one slice per MPI rank.",
+        epilog="Launch runs with MPI, e.g.: mpiexec -n 8 spmdinfer run job.toml")
+    parser.add_argument("--version", action="version", version=f"spmdinfer {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = commands.add_parser("run", help="run a job (under mpiexec for more than one rank)")
+    run.add_argument("job", help="the job file (TOML)")
+    run.add_argument("--overwrite", action="store_true",
+                     help="replace an existing output file (it is kept until the new one is complete)")
+    run.add_argument("--no-progress", action="store_true", help="do not draw progress on rank 0")
+
+    validate = commands.add_parser(
+        "validate", help="check a job file, its slices and datasets without MPI or loading models")
+    validate.add_argument("job", help="the job file (TOML)")
+    validate.add_argument("--overwrite", action="store_true",
+                          help="do not report an existing output file as an error")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        spec = load_spec(args.job)
+        if args.command == "validate":
+            from .validate import validate
+
+            print(f"spmdinfer: {args.job}: ok: {validate(spec, overwrite=args.overwrite)}")
+            return 0
+    except SpmdinferError as exc:
+        if launcher_rank() == 0:
+            _error(exc)
+        return exc.exit_code
+    return _run(spec, args)
+
+
+def _run(spec, args) -> int:
+    from mpi4py import MPI
+
+    from .runner import run_job
+
+    world = MPI.COMM_WORLD
+    try:
+        summary = run_job(spec, world, overwrite=args.overwrite, progress=not args.no_progress)
+    except SpmdinferError as exc:
+        if world.rank == 0:
+            _error(exc)
+        return exc.exit_code
+    except BaseException:
+        # A bug, not an agreed failure: the other ranks may be waiting on this one.
+        print("".join(f"[rank {world.rank}] {line}\n" for line in
+                      traceback.format_exc().splitlines()), file=sys.stderr, end="", flush=True)
+        if world.size > 1:
+            world.Abort(1)
+        return 1
+    if world.rank == 0:
+        print(summary, flush=True)
+    return 0
+
+
+def _error(exc: SpmdinferError) -> None:
+    print(f"spmdinfer: error: {exc}", file=sys.stderr, flush=True)

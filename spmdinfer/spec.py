@@ -1,0 +1,302 @@
+"""The job file: parsed once, strictly, into frozen dataclasses.
+
+Defaults live in the dataclass fields and nowhere else; the valid keys of every
+table are derived from those fields, so an unknown key is an error that lists
+the valid ones.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import string
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Union
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised only on old Pythons
+    import tomli as tomllib
+
+from .errors import SpecError
+
+BACKEND_NAMES = ("auto", "mindspore", "mslite", "onnxruntime")
+TARGETS = ("cpu", "gpu", "ascend")
+PROVIDERS = ("", "tensorrt", "ge")
+TEMPLATE_FIELDS = ("rank",)
+_INT_FORMAT = re.compile(r"0?[0-9]*d?")
+
+DeviceId = Union[str, int, tuple]
+
+
+@dataclass(frozen=True)
+class Combine:
+    """How rank 0 combines one output across the ranks of a model."""
+
+    mode: str = "rank0"
+    axis: int | None = None
+
+    @classmethod
+    def parse(cls, text: str, key: str) -> Combine:
+        """Parse "rank0", "sum" or "concat:AXIS" (AXIS an integer, not 0)."""
+        expected = 'expected "rank0", "sum" or "concat:AXIS" with AXIS a nonzero integer'
+        if not isinstance(text, str):
+            raise SpecError(f"{key}: {expected}, got {text!r}")
+        if text in ("rank0", "sum"):
+            return cls(text)
+        mode, sep, axis = text.partition(":")
+        if mode != "concat" or not sep or not re.fullmatch(r"[+-]?[0-9]+", axis.strip()):
+            raise SpecError(f"{key}: {expected}, got {text!r}")
+        if int(axis) == 0:
+            raise SpecError(f"{key}: concat along axis 0 would mix up rows; {expected}")
+        return cls("concat", int(axis))
+
+    def __str__(self) -> str:
+        return self.mode if self.axis is None else f"{self.mode}:{self.axis}"
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    files: str
+    backend: str = "auto"
+    ranks: int = 1
+    stages: int = 1
+
+    def slice_path(self, rank: int) -> Path:
+        """The slice file of model rank `rank` (the template with {rank} filled in)."""
+        return Path(self.files.format(rank=rank))
+
+    def slice_paths(self) -> list[Path]:
+        """Every model rank's slice file, in rank order."""
+        return [self.slice_path(rank) for rank in range(self.ranks)]
+
+
+@dataclass(frozen=True)
+class DeviceSpec:
+    target: str = "cpu"
+    device_id: DeviceId = "local"
+    threads: int = 0
+    provider: str = ""
+    config_file: str = ""
+
+    def config_path(self, rank: int) -> Path | None:
+        """The Lite config ini for model rank `rank`, or None when none is set."""
+        return Path(self.config_file.format(rank=rank)) if self.config_file else None
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    file: Path
+    datasets: tuple[tuple[str, str], ...]
+    batch_size: int = 128
+
+
+@dataclass(frozen=True)
+class OutputSpec:
+    file: Path
+    datasets: tuple[tuple[str, str], ...]
+    combine: tuple[Combine, ...] = ()
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    """A whole job file. `path` is the job file, `text` its exact contents."""
+
+    path: Path
+    text: str
+    model: ModelSpec
+    input: InputSpec
+    output: OutputSpec
+    device: DeviceSpec = DeviceSpec()
+    backend_options: dict = field(default_factory=dict)
+
+    @property
+    def input_names(self) -> list[str]:
+        return [name for name, _ in self.input.datasets]
+
+    @property
+    def output_names(self) -> list[str]:
+        return [name for name, _ in self.output.datasets]
+
+
+def load_spec(path: str | Path) -> JobSpec:
+    """Read and check a job file; raise SpecError naming the file and key on any problem."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise SpecError(f"{path}: job file not found") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SpecError(f"{path}: cannot read job file: {exc}") from None
+    try:
+        return parse_spec(text, path)
+    except SpecError as exc:
+        raise SpecError(f"{path}: {exc}") from None
+
+
+def parse_spec(text: str, path: Path) -> JobSpec:
+    """Parse job-file text; relative paths resolve against `path`'s folder."""
+    try:
+        doc = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise SpecError(f"invalid TOML: {exc}") from None
+    base = path.resolve().parent
+    tables = {"model": ModelSpec, "device": DeviceSpec, "input": InputSpec, "output": OutputSpec,
+              "backend": None}
+    _check_keys(doc, tables, "the top level", what="table")
+    for name in ("model", "input", "output"):
+        if name not in doc:
+            raise SpecError(f"missing table [{name}]")
+    for name in tables:
+        if name in doc and not isinstance(doc[name], dict):
+            raise SpecError(f"[{name}] must be a table, got {doc[name]!r}")
+
+    model = _parse_model(doc["model"], base)
+    device = _parse_device(doc.get("device", {}), base)
+    input_spec = _parse_input(doc["input"], base)
+    output = _parse_output(doc["output"], base)
+    backend_options = _parse_backend_options(doc.get("backend", {}))
+    return JobSpec(path=path.resolve(), text=text, model=model, device=device,
+                   input=input_spec, output=output, backend_options=backend_options)
+
+
+def _parse_model(table: dict, base: Path) -> ModelSpec:
+    _check_keys(table, _fields(ModelSpec), "[model]")
+    files = _template(_require(table, "files", "[model]", str), "[model] files", base)
+    backend = _choice(table, "backend", "[model]", BACKEND_NAMES, ModelSpec.backend)
+    ranks = _integer(table, "ranks", "[model]", ModelSpec.ranks, minimum=1)
+    stages = _integer(table, "stages", "[model]", ModelSpec.stages, minimum=1)
+    if ranks > 1 and "{rank" not in files:
+        raise SpecError(f"[model] files must contain {{rank}} when ranks = {ranks}, "
+                        f"so that every rank loads its own slice; got {table['files']!r}")
+    if stages != 1:
+        raise SpecError(f"[model] stages = {stages}: pipeline stages are not supported yet; "
+                        "expected 1")
+    return ModelSpec(files=files, backend=backend, ranks=ranks, stages=stages)
+
+
+def _parse_device(table: dict, base: Path) -> DeviceSpec:
+    _check_keys(table, _fields(DeviceSpec), "[device]")
+    target = _choice(table, "target", "[device]", TARGETS, DeviceSpec.target)
+    threads = _integer(table, "threads", "[device]", DeviceSpec.threads, minimum=0)
+    provider = _choice(table, "provider", "[device]", PROVIDERS, DeviceSpec.provider)
+    config_file = table.get("config_file", DeviceSpec.config_file)
+    if not isinstance(config_file, str):
+        raise SpecError(f"[device] config_file must be a string path, got {config_file!r}")
+    if config_file:
+        config_file = _template(config_file, "[device] config_file", base)
+    device_id = table.get("device_id", DeviceSpec.device_id)
+    expected = '"local", a device number >= 0, or a list of device numbers'
+    if isinstance(device_id, list):
+        if not device_id or not all(_is_int(d) and d >= 0 for d in device_id):
+            raise SpecError(f"[device] device_id must be {expected}, got {device_id!r}")
+        device_id = tuple(device_id)
+    elif not (device_id == "local" or (_is_int(device_id) and device_id >= 0)):
+        raise SpecError(f"[device] device_id must be {expected}, got {device_id!r}")
+    return DeviceSpec(target=target, device_id=device_id, threads=threads,
+                      provider=provider, config_file=config_file)
+
+
+def _parse_input(table: dict, base: Path) -> InputSpec:
+    _check_keys(table, _fields(InputSpec), "[input]")
+    file = base / _require(table, "file", "[input]", str)
+    batch_size = _integer(table, "batch_size", "[input]", InputSpec.batch_size, minimum=1)
+    datasets = _datasets(table, "[input.datasets]")
+    return InputSpec(file=file, datasets=datasets, batch_size=batch_size)
+
+
+def _parse_output(table: dict, base: Path) -> OutputSpec:
+    _check_keys(table, _fields(OutputSpec), "[output]")
+    file = base / _require(table, "file", "[output]", str)
+    datasets = _datasets(table, "[output.datasets]")
+    names = [name for name, _ in datasets]
+    paths = [p for _, p in datasets]
+    if len(set(paths)) != len(paths):
+        raise SpecError(f"[output.datasets] two outputs write the same dataset: {paths}")
+    modes = table.get("combine", {})
+    if not isinstance(modes, dict):
+        raise SpecError(f"[output.combine] must be a table of output name = mode, got {modes!r}")
+    for name in modes:
+        if name not in names:
+            raise SpecError(f"[output.combine] {name}: no such output; outputs are: {', '.join(names)}")
+    combine = tuple(Combine.parse(modes.get(name, "rank0"), f"[output.combine] {name}")
+                    for name in names)
+    return OutputSpec(file=file, datasets=datasets, combine=combine)
+
+
+def _parse_backend_options(table: dict) -> dict:
+    names = [n for n in BACKEND_NAMES if n != "auto"]
+    _check_keys(table, names, "[backend]", what="table")
+    for name, options in table.items():
+        if not isinstance(options, dict):
+            raise SpecError(f"[backend.{name}] must be a table of options, got {options!r}")
+    return dict(table)
+
+
+def _fields(cls) -> list[str]:
+    return [f.name for f in dataclasses.fields(cls)]
+
+
+def _check_keys(table: dict, valid, where: str, what: str = "key") -> None:
+    unknown = [key for key in table if key not in valid]
+    if unknown:
+        raise SpecError(f"unknown {what} {unknown[0]!r} in {where}; valid {what}s: {', '.join(valid)}")
+
+
+def _require(table: dict, key: str, where: str, kind: type) -> Any:
+    if key not in table:
+        raise SpecError(f"{where} {key} is required")
+    value = table[key]
+    if not isinstance(value, kind) or (kind is str and not value):
+        raise SpecError(f"{where} {key} must be a non-empty {kind.__name__}, got {value!r}")
+    return value
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _integer(table: dict, key: str, where: str, default: int, minimum: int) -> int:
+    value = table.get(key, default)
+    if not _is_int(value) or value < minimum:
+        raise SpecError(f"{where} {key} must be an integer >= {minimum}, got {value!r}")
+    return value
+
+
+def _choice(table: dict, key: str, where: str, choices, default: str) -> str:
+    value = table.get(key, default)
+    if value not in choices:
+        shown = ", ".join(repr(c) for c in choices)
+        raise SpecError(f"{where} {key} must be one of {shown}; got {value!r}")
+    return value
+
+
+def _datasets(table: dict, where: str) -> tuple[tuple[str, str], ...]:
+    datasets = table.get("datasets")
+    if not isinstance(datasets, dict) or not datasets:
+        raise SpecError(f"{where} is required: a table of model tensor name = HDF5 dataset path")
+    pairs = []
+    for name, h5path in datasets.items():
+        if not isinstance(h5path, str) or not h5path.strip("/"):
+            raise SpecError(f"{where} {name} must be an HDF5 dataset path such as \"/x\", got {h5path!r}")
+        pairs.append((name, "/" + h5path.strip("/")))
+    return tuple(pairs)
+
+
+def _template(text: str, key: str, base: Path) -> str:
+    """Check a path template (only {rank} may be filled in) and anchor it at `base`."""
+    try:
+        parts = list(string.Formatter().parse(text))
+    except ValueError as exc:
+        raise SpecError(f"{key}: bad path template {text!r}: {exc}") from None
+    for _, name, spec, conversion in parts:
+        if name is None:
+            continue
+        if name not in TEMPLATE_FIELDS or conversion or not _INT_FORMAT.fullmatch(spec or ""):
+            raise SpecError(f"{key}: path templates may only use {{rank}} or {{rank:03d}}-style "
+                            f"fields, got {{{name}{'!' + conversion if conversion else ''}"
+                            f"{':' + spec if spec else ''}}} in {text!r}")
+    escaped = str(base).replace("{", "{{").replace("}", "}}")
+    return text if Path(text).is_absolute() else str(Path(escaped) / text)
