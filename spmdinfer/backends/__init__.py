@@ -19,6 +19,8 @@ from ..errors import BackendError
 # name -> "module:factory"; the factory takes (path, placement, options) and returns a Session.
 REGISTRY = {
     "mindspore": "spmdinfer.backends.mindspore:open_session",
+    "mslite": "spmdinfer.backends.mslite:open_session",
+    "onnxruntime": "spmdinfer.backends.onnxruntime:open_session",
 }
 # The Python package each backend needs, for `auto` and for clear errors.
 PACKAGES = {"mindspore": "mindspore", "mslite": "mindspore_lite", "onnxruntime": "onnxruntime"}
@@ -91,3 +93,21 @@ def factory(name: str) -> Callable[..., Session]:
 def open_session(name: str, path: Path, placement: Placement, options: dict) -> Session:
     """Load one slice with backend `name` (already resolved, not "auto")."""
     return factory(name)(path, placement, options)
+
+
+def predict_in_fixed_batches(predict: Callable[[list[np.ndarray]], list[np.ndarray]],
+                             arrays: Sequence[np.ndarray], batch: int) -> list[np.ndarray]:
+    """Run `predict` on pieces of exactly `batch` rows, zero-padding the last piece, and
+    join the outputs trimmed back to the input's rows: for slices whose batch is fixed."""
+    rows = len(arrays[0])
+    if rows == batch:
+        return predict(list(arrays))
+    pieces = []
+    for start in range(0, rows, batch):
+        part = [a[start:start + batch] for a in arrays]
+        valid = len(part[0])
+        if valid < batch:
+            part = [np.concatenate([p, np.zeros((batch - valid,) + p.shape[1:], p.dtype)])
+                    for p in part]
+        pieces.append([np.asarray(o)[:valid] for o in predict(part)])
+    return [np.concatenate(outputs) for outputs in zip(*pieces)]

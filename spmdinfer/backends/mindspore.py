@@ -83,4 +83,6 @@ def read_signature(path: Path) -> tuple[list[TensorInfo], list[TensorInfo]]:
 
     inputs = [info(v, i, "input") for i, v in enumerate(model.graph.input)]
     outputs = [info(v, i, "output") for i, v in enumerate(model.graph.output)]
+    if any(o.shape is None for o in outputs):
+        outputs = []  # a tuple output: MindIR does not declare its members here
     return inputs, outputs

@@ -1,0 +1,90 @@
+"""MindSpore networks the tests export as real per-rank slices, with numpy references."""
+
+from __future__ import annotations
+
+import numpy as np
+from mindspore import Parameter, Tensor, nn, ops
+
+
+class MatMulNeg(nn.Cell):
+    """The seed network: y = -(x @ w)."""
+
+    def __init__(self, weight: np.ndarray):
+        super().__init__()
+        self.weight = Parameter(Tensor(np.ascontiguousarray(weight)))
+        self.matmul = ops.MatMul()
+
+    def construct(self, x):
+        return -self.matmul(x, self.weight)
+
+
+class MLPShard(nn.Cell):
+    """One rank of a row-parallel two-layer MLP: relu(x @ w1 + b1) @ w2 + b2.
+
+    w1 and b1 hold this rank's hidden columns, w2 the matching rows; the ranks'
+    outputs summed give the full MLP (b2 lives on one rank only).
+    """
+
+    def __init__(self, w1, b1, w2, b2):
+        super().__init__()
+        self.w1 = Parameter(Tensor(np.ascontiguousarray(w1)), name="w1")
+        self.b1 = Parameter(Tensor(np.ascontiguousarray(b1)), name="b1")
+        self.w2 = Parameter(Tensor(np.ascontiguousarray(w2)), name="w2")
+        self.b2 = Parameter(Tensor(np.ascontiguousarray(b2)), name="b2")
+        self.matmul = ops.MatMul()
+        self.relu = ops.ReLU()
+
+    def construct(self, x):
+        return self.matmul(self.relu(self.matmul(x, self.w1) + self.b1), self.w2) + self.b2
+
+
+def mlp_weights(inputs: int, hidden: int, outputs: int, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    w1 = rng.standard_normal((inputs, hidden)).astype(np.float32) / np.sqrt(inputs)
+    b1 = rng.standard_normal(hidden).astype(np.float32)
+    w2 = rng.standard_normal((hidden, outputs)).astype(np.float32) / np.sqrt(hidden)
+    b2 = rng.standard_normal(outputs).astype(np.float32)
+    return w1, b1, w2, b2
+
+
+def mlp_reference(x, w1, b1, w2, b2):
+    return np.maximum(x @ w1 + b1, 0) @ w2 + b2
+
+
+def mlp_shards(w1, b1, w2, b2, ranks: int):
+    """The `ranks` row-parallel shards of the MLP."""
+    cols = w1.shape[1] // ranks
+    return [MLPShard(w1[:, r * cols:(r + 1) * cols], b1[r * cols:(r + 1) * cols],
+                     w2[r * cols:(r + 1) * cols], b2 if r == 0 else np.zeros_like(b2))
+            for r in range(ranks)]
+
+
+class MultiIO(nn.Cell):
+    """Two inputs (x float32 (N, 4), k int32 (N, 3)), three outputs of mixed dtypes.
+
+    scores = x @ w          float32, a column slice per rank   (concat:-1)
+    shifted = k + 1         int32, the same on every rank      (rank0)
+    part = k * (rank + 1)   int32, a share per rank            (sum)
+    """
+
+    def __init__(self, weight: np.ndarray, rank: int):
+        super().__init__()
+        self.weight = Parameter(Tensor(np.ascontiguousarray(weight)), name="w")
+        self.factor = rank + 1
+        self.matmul = ops.MatMul()
+
+    def construct(self, x, k):
+        return self.matmul(x, self.weight), k + 1, k * self.factor
+
+
+class FixedBatchOnly(nn.Cell):
+    """y = -(x @ w) through a reshape to a fixed batch: predict fails for any other batch size."""
+
+    def __init__(self, weight: np.ndarray, batch: int):
+        super().__init__()
+        self.weight = Parameter(Tensor(np.ascontiguousarray(weight)))
+        self.matmul = ops.MatMul()
+        self.shape = (batch, weight.shape[0])
+
+    def construct(self, x):
+        return -self.matmul(ops.reshape(x, self.shape), self.weight)

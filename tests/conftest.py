@@ -1,0 +1,82 @@
+"""Shared test helpers: run the real CLI (under real mpiexec), write jobs, export real slices."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import tomli_w
+
+REPO = Path(__file__).resolve().parents[1]
+MPI_TIMEOUT = 300
+
+
+def run_cli(*args, n: int | None = None, timeout: float = MPI_TIMEOUT, env: dict | None = None,
+            cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """Run `python -m spmdinfer ARGS`, under `mpiexec -n N` when `n` is given."""
+    command = [sys.executable, "-m", "spmdinfer", *map(str, args)]
+    if n is not None:
+        command = ["mpiexec", "-n", str(n), *command]
+    full_env = {**os.environ, "GLOG_v": "3", **(env or {})}
+    return subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=full_env,
+                          cwd=cwd or REPO, stdin=subprocess.DEVNULL)
+
+
+def write_job(folder: Path, doc: dict, name: str = "job.toml") -> Path:
+    """Write a job file from a dict of TOML tables."""
+    path = folder / name
+    path.write_text(tomli_w.dumps(doc))
+    return path
+
+
+def write_h5(path: Path, datasets: dict, **options) -> Path:
+    """Write an HDF5 file with the given {path: array} datasets (h5py create_dataset options)."""
+    with h5py.File(path, "w") as f:
+        for name, data in datasets.items():
+            f.create_dataset(name, data=data, **options)
+    return path
+
+
+def read_h5(path: Path, name: str) -> np.ndarray:
+    with h5py.File(path, "r") as f:
+        return f[name][()]
+
+
+def export_mindir(cell, inputs, path: Path) -> Path:
+    """Export a MindSpore cell to `path` (.mindir). `inputs`: example Tensors or shape specs."""
+    import mindspore
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    mindspore.export(cell, *inputs, file_name=str(path.with_suffix("")), file_format="MINDIR")
+    return path
+
+
+def dynamic(*row_shape, dtype="float32"):
+    """A MindSpore input spec with a free batch dimension and the given row shape."""
+    import mindspore
+
+    return mindspore.Tensor(shape=[None, *row_shape], dtype=getattr(mindspore, dtype))
+
+
+def assert_clean_error(result: subprocess.CompletedProcess, *needles: str) -> str:
+    """Exit code 2, a message naming what it should, and no traceback."""
+    assert result.returncode == 2, (result.returncode, result.stdout, result.stderr)
+    assert "Traceback" not in result.stderr, result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("spmdinfer: error:")]
+    assert len(errors) == 1, result.stderr
+    for needle in needles:
+        assert needle in errors[0], (needle, errors[0])
+    return errors[0]
+
+
+@pytest.fixture(scope="session")
+def mindspore_cells():
+    """MindSpore cell classes used to build test slices (imported lazily: mindspore is slow)."""
+    from tests import cells
+
+    return cells
