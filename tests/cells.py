@@ -40,11 +40,11 @@ class MLPShard(nn.Cell):
 
 def mlp_weights(inputs: int, hidden: int, outputs: int, seed: int = 0):
     rng = np.random.default_rng(seed)
-    w1 = rng.standard_normal((inputs, hidden)).astype(np.float32) / np.sqrt(inputs)
-    b1 = rng.standard_normal(hidden).astype(np.float32)
-    w2 = rng.standard_normal((hidden, outputs)).astype(np.float32) / np.sqrt(hidden)
-    b2 = rng.standard_normal(outputs).astype(np.float32)
-    return w1, b1, w2, b2
+    w1 = rng.standard_normal((inputs, hidden)) / np.sqrt(inputs)
+    b1 = rng.standard_normal(hidden)
+    w2 = rng.standard_normal((hidden, outputs)) / np.sqrt(hidden)
+    b2 = rng.standard_normal(outputs)
+    return tuple(w.astype(np.float32) for w in (w1, b1, w2, b2))
 
 
 def mlp_reference(x, w1, b1, w2, b2):

@@ -75,8 +75,49 @@ def assert_clean_error(result: subprocess.CompletedProcess, *needles: str) -> st
 
 
 @pytest.fixture(scope="session")
-def mindspore_cells():
-    """MindSpore cell classes used to build test slices (imported lazily: mindspore is slow)."""
+def matmul_slices(tmp_path_factory):
+    """8 column slices of y = -(x @ w) with a random w (96, 16), and w itself."""
+    from tests.cells import MatMulNeg
+
+    folder = tmp_path_factory.mktemp("matmul")
+    weight = np.random.default_rng(1).standard_normal((96, 16)).astype(np.float32)
+    for rank in range(8):
+        export_mindir(MatMulNeg(weight[:, 2 * rank:2 * rank + 2]), [dynamic(96)],
+                      folder / f"device{rank}" / "matmul.mindir")
+    return folder / "device{rank}" / "matmul.mindir", weight
+
+
+def matmul_job(folder: Path, template: Path, ranks: int = 8, batch_size: int = 96,
+               **tables) -> dict:
+    """A job dict for the matmul slices; `tables` override whole tables."""
+    doc = {
+        "model": {"files": str(template), "ranks": ranks, "backend": "mindspore"},
+        "input": {"file": "in.h5", "batch_size": batch_size, "datasets": {"x": "/x"}},
+        "output": {"file": "out/result.h5", "datasets": {"y": "/y"},
+                   "combine": {"y": "concat:-1"}},
+    }
+    doc.update(tables)
+    return doc
+
+
+@pytest.fixture(scope="session")
+def mlp_slices(tmp_path_factory):
     from tests import cells
 
-    return cells
+    folder = tmp_path_factory.mktemp("mlp")
+    weights = cells.mlp_weights(16, 32, 8)
+    for rank, shard in enumerate(cells.mlp_shards(*weights, ranks=4)):
+        export_mindir(shard, [dynamic(16)], folder / f"mlp{rank}.mindir")
+    return folder / "mlp{rank}.mindir", weights
+
+
+@pytest.fixture(scope="session")
+def multi_io_slices(tmp_path_factory):
+    from tests import cells
+
+    folder = tmp_path_factory.mktemp("multi")
+    weight = np.random.default_rng(4).standard_normal((4, 4)).astype(np.float32)
+    for rank in range(2):
+        export_mindir(cells.MultiIO(weight[:, 2 * rank:2 * rank + 2], rank),
+                      [dynamic(4), dynamic(3, dtype="int32")], folder / f"multi{rank}.mindir")
+    return folder / "multi{rank}.mindir", weight

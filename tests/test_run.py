@@ -1,0 +1,118 @@
+"""Real `mpiexec -n N spmdinfer run` on MindIR slices exported here, against numpy."""
+
+import shutil
+import time
+
+import h5py
+import numpy as np
+import pytest
+
+from tests.cells import mlp_reference
+from tests.conftest import REPO, matmul_job, read_h5, run_cli, write_h5, write_job
+
+
+def ok(result):
+    assert result.returncode == 0, (result.returncode, result.stdout, result.stderr)
+    return result
+
+
+def test_seed_demo_gives_minus_48(tmp_path):
+    demo = tmp_path / "matmul"
+    shutil.copytree(REPO / "jobs" / "matmul", demo, ignore=shutil.ignore_patterns("out"))
+    result = ok(run_cli("run", demo / "job.toml", n=8))
+    y = read_h5(demo / "out" / "result.h5", "/y")
+    assert y.shape == (1000, 16) and y.dtype == np.float32
+    assert np.all(y == -48)
+    summary = result.stdout.strip().splitlines()[-1]
+    assert summary.startswith("spmdinfer: 1000 rows, 8 batches,") and "rows/s" in summary
+    assert summary.endswith(str(demo / "out" / "result.h5"))
+
+
+def test_eight_ranks_concat_gzip_input_ragged_batches(tmp_path, matmul_slices):
+    template, weight = matmul_slices
+    x = np.random.default_rng(2).standard_normal((1001, 96)).astype(np.float32)
+    write_h5(tmp_path / "in.h5", {"x": x}, chunks=(50, 96), compression="gzip")
+    job = write_job(tmp_path, matmul_job(tmp_path, template, batch_size=96))
+    ok(run_cli("run", job, n=8))
+    out = tmp_path / "out" / "result.h5"
+    np.testing.assert_allclose(read_h5(out, "/y"), -(x @ weight), rtol=1e-5, atol=1e-5)
+    with h5py.File(out, "r") as f:
+        assert f["y"].chunks[0] == 96
+        attrs = f.attrs
+        assert attrs["world_size"] == 8 and attrs["rows"] == 1001 and attrs["batches"] == 11
+        assert attrs["backend"] == "mindspore" and attrs["backend_version"]
+        assert attrs["job_text"] == job.read_text()
+        assert len(attrs["slice_sha256"]) == 8 and len(set(attrs["slice_sha256"])) == 8
+        assert attrs["start_time"] <= attrs["end_time"]
+    assert not (tmp_path / "out" / "result.h5.partial").exists()
+
+
+def test_four_way_row_parallel_mlp_sum(tmp_path, mlp_slices):
+    template, weights = mlp_slices
+    x = np.random.default_rng(3).standard_normal((301, 16)).astype(np.float32)
+    write_h5(tmp_path / "in.h5", {"data/x": x}, chunks=(64, 16))
+    job = write_job(tmp_path, {
+        "model": {"files": str(template), "ranks": 4},
+        "input": {"file": "in.h5", "batch_size": 64, "datasets": {"x": "data/x"}},
+        "output": {"file": "scores.h5", "datasets": {"y": "/deep/group/y"}, "combine": {"y": "sum"}},
+    })
+    ok(run_cli("run", job, n=4))
+    y = read_h5(tmp_path / "scores.h5", "/deep/group/y")
+    np.testing.assert_allclose(y, mlp_reference(x, *weights), rtol=1e-5, atol=1e-5)
+
+
+def test_several_inputs_and_outputs_int_and_float(tmp_path, multi_io_slices):
+    template, weight = multi_io_slices
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((77, 4)).astype(np.float32)
+    k = rng.integers(-1000, 1000, (77, 3)).astype(np.int32)
+    write_h5(tmp_path / "in.h5", {"x": x, "ids/k": k}, compression="gzip", chunks=True)
+    job = write_job(tmp_path, {
+        "model": {"files": str(template), "ranks": 2},
+        # Listed in the other order than the slice declares them: bound by name.
+        "input": {"file": "in.h5", "batch_size": 10, "datasets": {"k": "/ids/k", "x": "/x"}},
+        "output": {"file": "out.h5", "datasets": {"scores": "/scores", "shifted": "/shifted",
+                                                  "part": "/part"},
+                   "combine": {"scores": "concat:1", "part": "sum"}},
+    })
+    ok(run_cli("run", job, n=2))
+    out = tmp_path / "out.h5"
+    scores, shifted, part = (read_h5(out, p) for p in ("/scores", "/shifted", "/part"))
+    np.testing.assert_allclose(scores, x @ weight, rtol=1e-5, atol=1e-5)
+    assert shifted.dtype == np.int32 and np.array_equal(shifted, k + 1)
+    assert part.dtype == np.int32 and np.array_equal(part, k * 3)
+
+
+def test_single_rank_runs_without_mpiexec(tmp_path, matmul_slices):
+    template, weight = matmul_slices
+    x = np.random.default_rng(6).standard_normal((20, 96)).astype(np.float32)
+    write_h5(tmp_path / "in.h5", {"x": x})
+    job = write_job(tmp_path, matmul_job(tmp_path, str(template).replace("{rank}", "3"), ranks=1,
+                                         batch_size=7))
+    ok(run_cli("run", job))
+    np.testing.assert_allclose(read_h5(tmp_path / "out" / "result.h5", "/y"),
+                               -(x @ weight[:, 6:8]), rtol=1e-5, atol=1e-5)
+
+
+def test_empty_input_gives_empty_outputs(tmp_path, matmul_slices):
+    template, _ = matmul_slices
+    write_h5(tmp_path / "in.h5", {"x": np.zeros((0, 96), np.float32)})
+    job = write_job(tmp_path, matmul_job(tmp_path, template, ranks=2))
+    ok(run_cli("run", job, n=2))
+    y = read_h5(tmp_path / "out" / "result.h5", "/y")
+    assert y.shape == (0, 4) and y.dtype == np.float32
+
+
+def test_existing_output_is_refused_then_replaced_with_overwrite(tmp_path, matmul_slices):
+    template, weight = matmul_slices
+    x = np.ones((5, 96), np.float32)
+    write_h5(tmp_path / "in.h5", {"x": x})
+    job = write_job(tmp_path, matmul_job(tmp_path, template, ranks=2))
+    out = tmp_path / "out" / "result.h5"
+    out.parent.mkdir()
+    out.write_bytes(b"precious")
+    result = run_cli("run", job, n=2)
+    assert result.returncode == 2 and "exists; pass --overwrite" in result.stderr
+    assert out.read_bytes() == b"precious"
+    ok(run_cli("run", job, "--overwrite", n=2))
+    np.testing.assert_allclose(read_h5(out, "/y"), -(x @ weight[:, :4]), rtol=1e-5)

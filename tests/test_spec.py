@@ -1,0 +1,166 @@
+"""Pure logic: the job-file contract, combine modes, input binding, batch reports."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from spmdinfer.backends import TensorInfo, predict_in_fixed_batches
+from spmdinfer.data import InputField
+from spmdinfer.errors import BackendError, DataError, SpecError
+from spmdinfer.runner import batch_report, bind_inputs, report_layout
+from spmdinfer.spec import Combine, load_spec, parse_spec
+from spmdinfer.topology import device_for, threads_for
+
+BASE = """
+[model]
+files = "model/device{rank}/net.mindir"
+ranks = 2
+
+[input]
+file = "in.h5"
+[input.datasets]
+x = "/features"
+
+[output]
+file = "out/result.h5"
+[output.datasets]
+y = "/y"
+"""
+
+
+def parse(text: str = BASE, extra: str = ""):
+    return parse_spec(text + extra, Path("/jobs/demo/job.toml"))
+
+
+def test_defaults_and_relative_paths():
+    spec = parse()
+    assert spec.model.backend == "auto" and spec.model.ranks == 2 and spec.model.stages == 1
+    assert spec.device.target == "cpu" and spec.device.device_id == "local" and spec.device.threads == 0
+    assert spec.input.batch_size == 128
+    assert spec.input.file == Path("/jobs/demo/in.h5")
+    assert spec.output.file == Path("/jobs/demo/out/result.h5")
+    assert spec.model.slice_path(1) == Path("/jobs/demo/model/device1/net.mindir")
+    assert spec.output.combine == (Combine("rank0"),)
+    assert spec.input.datasets == (("x", "/features"),)
+
+
+def test_full_contract_example_parses():
+    text = BASE.replace("ranks = 2", 'ranks = 8\nbackend = "mindspore"\nstages = 1') + """
+[device]
+target = "gpu"
+device_id = [3, 2, 1, 0]
+threads = 4
+[output.combine]
+y = "concat:-1"
+"""
+    spec = parse(text)
+    assert spec.model.ranks == 8 and spec.model.backend == "mindspore"
+    assert spec.device.device_id == (3, 2, 1, 0) and spec.device.threads == 4
+    assert spec.output.combine == (Combine("concat", -1),)
+    assert device_for(spec.device, 1) == 2
+
+
+@pytest.mark.parametrize("text, needle", [
+    ("[model]\nfiles = ", "invalid TOML"),
+    (BASE + "[model.extra]\n", "[model]"),
+    (BASE.replace("ranks = 2", "rnks = 2"), "unknown key 'rnks' in [model]; valid keys: files, backend, ranks, stages"),
+    (BASE + "[outptu]\n", "unknown table 'outptu'"),
+    (BASE.replace("ranks = 2", "ranks = 0"), "[model] ranks must be an integer >= 1, got 0"),
+    (BASE.replace("ranks = 2", 'ranks = "2"'), "[model] ranks must be an integer"),
+    (BASE.replace("ranks = 2", "ranks = 2\nbackend = \"tensorflow\""), "[model] backend must be one of"),
+    (BASE.replace('"model/device{rank}/net.mindir"', '"net.mindir"'), "must contain {rank}"),
+    (BASE.replace("{rank}", "{rank.__class__}"), "path templates may only use {rank}"),
+    (BASE.replace("{rank}", "{0}"), "path templates may only use {rank}"),
+    (BASE.replace("{rank}", "{rank!r}"), "path templates may only use {rank}"),
+    (BASE.replace('file = "in.h5"', 'file = "in.h5"\nbatch_size = 0'), "[input] batch_size must be an integer >= 1, got 0"),
+    (BASE.replace('x = "/features"', ""), "[input.datasets] is required"),
+    (BASE + '[output.combine]\ny = "stack"', "[output.combine] y: expected"),
+    (BASE + '[output.combine]\ny = "concat:0"', "concat along axis 0"),
+    (BASE + '[output.combine]\ny = "concat:x"', "[output.combine] y: expected"),
+    (BASE + '[output.combine]\nz = "sum"', "[output.combine] z: no such output; outputs are: y"),
+    (BASE + '[device]\ndevice_id = -1', "[device] device_id must be"),
+    (BASE + '[device]\ntarget = "tpu"', "[device] target must be one of"),
+    (BASE.replace("[model]", "[model]\nstages = 2"), "[model] stages = 2"),
+    ("[input]\nfile='a'\n[input.datasets]\nx='/x'\n[output]\nfile='b'\n[output.datasets]\ny='/y'",
+     "missing table [model]"),
+])
+def test_bad_job_files_name_the_key(text, needle):
+    with pytest.raises(SpecError) as err:
+        parse(text)
+    assert needle in str(err.value)
+
+
+def test_toml_error_names_the_line(tmp_path):
+    path = tmp_path / "job.toml"
+    path.write_text(BASE + "\n[input]\nbroken line\n")
+    with pytest.raises(SpecError) as err:
+        load_spec(path)
+    message = str(err.value)
+    assert message.startswith(str(path)) and "line" in message and "\n" not in message
+
+
+def test_missing_job_file(tmp_path):
+    with pytest.raises(SpecError, match="job file not found"):
+        load_spec(tmp_path / "nope.toml")
+
+
+def test_rank_format_spec_is_allowed():
+    spec = parse(BASE.replace("{rank}", "{rank:03d}"))
+    assert spec.model.slice_path(7).name == "net.mindir" and "device007" in str(spec.model.slice_path(7))
+
+
+def test_threads_split_cores_between_local_ranks():
+    spec = parse()
+    assert threads_for(spec.device, 10_000) == 1
+    assert threads_for(parse(extra="[device]\nthreads = 3\n").device, 8) == 3
+
+
+def fields(*specs):
+    return [InputField(name, f"/{name}", dtype, shape) for name, dtype, shape in specs]
+
+
+def test_bind_inputs_by_name_then_position():
+    declared = [TensorInfo("x", (None, 4), np.dtype("float32")), TensorInfo("k", (None, 3), np.dtype("int32"))]
+    by_name = fields(("k", "<i4", (3,)), ("x", "<f4", (4,)))
+    assert bind_inputs(declared, by_name, Path("m")) == [1, 0]
+    positional = fields(("a", "<f4", (4,)), ("b", "<i4", (3,)))
+    assert bind_inputs(declared, positional, Path("m")) == [0, 1]
+    with pytest.raises(BackendError, match="names 1 input"):
+        bind_inputs(declared, positional[:1], Path("m"))
+
+
+@pytest.mark.parametrize("dtype, shape", [("<f8", (4,)), ("<f4", (5,)), ("<f4", (4, 1))])
+def test_bind_inputs_never_casts_or_reshapes(dtype, shape):
+    declared = [TensorInfo("x", (None, 4), np.dtype("float32"))]
+    with pytest.raises(DataError, match="does not fit model input x float32"):
+        bind_inputs(declared, fields(("x", dtype, shape)), Path("m"))
+
+
+def test_batch_report_round_trip_and_layout_checks():
+    outs = [np.zeros((5, 2), np.float32), np.zeros((5,), np.int32)]
+    table = np.stack([batch_report(0, outs, 2), batch_report(0, outs, 2)])
+    assert report_layout(table, 0, "y", Combine("concat", -1), 5) == [(5, 2), (5, 2)]
+    assert report_layout(table, 1, "k", Combine("sum"), 5) == [(5,), (5,)]
+    with pytest.raises(BackendError, match="does not fit"):
+        report_layout(table, 1, "k", Combine("concat", -1), 5)
+    with pytest.raises(BackendError, match="keep the batch's rows"):
+        report_layout(table, 0, "y", Combine("rank0"), 6)
+    odd = np.stack([batch_report(0, outs, 2), batch_report(0, [outs[0][:, :1], outs[1][:4]], 2)])
+    with pytest.raises(BackendError, match="sum needs equal shapes|keep the batch"):
+        report_layout(odd, 1, "k", Combine("sum"), 5)
+    assert report_layout(odd, 0, "y", Combine("concat", 1), 5) == [(5, 2), (5, 1)]
+    assert batch_report(2, [], 2)[0] == 2
+
+
+def test_fixed_batch_padding_trims_outputs():
+    seen = []
+
+    def predict(arrays):
+        seen.append(arrays[0].shape[0])
+        return [arrays[0] * 2]
+
+    x = np.arange(10, dtype=np.float32).reshape(5, 2)
+    (y,) = predict_in_fixed_batches(predict, [x], 4)
+    assert seen == [4, 4]
+    np.testing.assert_array_equal(y, x * 2)
