@@ -39,13 +39,20 @@ class RunSummary:
 
     rows: int
     batches: int
-    seconds: float
+    seconds: float          # the whole run, start-up and model loading included
+    load_seconds: float     # start-up: checks and model loading, until the first batch
     output: Path
 
+    @property
+    def rows_per_second(self) -> float:
+        """Throughput of the scoring loop, after the models are loaded."""
+        loop = self.seconds - self.load_seconds
+        return self.rows / loop if loop > 0 else 0.0
+
     def __str__(self) -> str:
-        rate = self.rows / self.seconds if self.seconds > 0 else 0.0
-        return (f"spmdinfer: {self.rows} rows, {self.batches} batches, {self.seconds:.2f} s, "
-                f"{rate:.1f} rows/s -> {self.output}")
+        return (f"spmdinfer: {self.rows} rows, {self.batches} batches, {self.seconds:.2f} s "
+                f"(load {self.load_seconds:.2f} s), {self.rows_per_second:.1f} rows/s "
+                f"-> {self.output}")
 
 
 def run_job(spec: JobSpec, comm=None, *, overwrite: bool = False,
@@ -93,6 +100,7 @@ class _Run:
         try:
             fields, rows = self._preflight()
             session, order, identity = self._load(info, fields)
+            loaded = time.monotonic()
             if self.channel.is_root:
                 self.writer = OutputWriter(self.spec.output, rows, self.spec.input.batch_size)
             batches = self._loop(info, session, order, fields, rows)
@@ -106,7 +114,8 @@ class _Run:
         finally:
             if self.reader is not None:
                 self.reader.close()
-        return RunSummary(rows, batches, time.monotonic() - started, self.spec.output.file)
+        return RunSummary(rows, batches, time.monotonic() - started, loaded - started,
+                          self.spec.output.file)
 
     def _preflight(self) -> tuple[list[InputField], int]:
         """Rank 0 checks every file and dataset before any rank loads a model."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +15,9 @@ import tomli_w
 
 REPO = Path(__file__).resolve().parents[1]
 MPI_TIMEOUT = 300
+# The mpiexec installed beside this Python (pip's mpich), else the one on PATH.
+MPIEXEC = next((str(p) for p in [Path(sys.executable).parent / "mpiexec"] if p.exists()),
+               shutil.which("mpiexec") or "mpiexec")
 
 
 def run_cli(*args, n: int | None = None, timeout: float = MPI_TIMEOUT, env: dict | None = None,
@@ -21,7 +25,7 @@ def run_cli(*args, n: int | None = None, timeout: float = MPI_TIMEOUT, env: dict
     """Run `python -m spmdinfer ARGS`, under `mpiexec -n N` when `n` is given."""
     command = [sys.executable, "-m", "spmdinfer", *map(str, args)]
     if n is not None:
-        command = ["mpiexec", "-n", str(n), *command]
+        command = [MPIEXEC, "-n", str(n), *command]
     full_env = {**os.environ, "GLOG_v": "3", **(env or {})}
     return subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=full_env,
                           cwd=cwd or REPO, stdin=subprocess.DEVNULL)

@@ -24,7 +24,7 @@ def test_seed_demo_gives_minus_48(tmp_path):
     assert y.shape == (1000, 16) and y.dtype == np.float32
     assert np.all(y == -48)
     summary = result.stdout.strip().splitlines()[-1]
-    assert summary.startswith("spmdinfer: 1000 rows, 8 batches,") and "rows/s" in summary
+    assert summary.startswith("spmdinfer: 1000 rows, 8 batches,") and "(load " in summary and "rows/s" in summary
     assert summary.endswith(str(demo / "out" / "result.h5"))
 
 
