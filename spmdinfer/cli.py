@@ -7,6 +7,7 @@ only after the job file has been read and checked.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import traceback
 
@@ -35,12 +36,19 @@ def build_parser() -> argparse.ArgumentParser:
     validate.add_argument("job", help="the job file (TOML)")
     validate.add_argument("--overwrite", action="store_true",
                           help="do not report an existing output file as an error")
+
+    inspect = commands.add_parser(
+        "inspect", help="show a slice file's format, inputs and outputs without MPI or a run")
+    inspect.add_argument("file", help="the slice file (.mindir or .onnx)")
+    inspect.add_argument("--json", action="store_true", help="print JSON instead of a table")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if args.command == "inspect":
+            return _inspect(args)
         spec = load_spec(args.job)
         if args.command == "validate":
             from .validate import validate
@@ -52,6 +60,14 @@ def main(argv: list[str] | None = None) -> int:
             _error(exc)
         return exc.exit_code
     return _run(spec, args)
+
+
+def _inspect(args) -> int:
+    from .inspect import format_report, inspect_slice
+
+    report = inspect_slice(args.file)
+    print(json.dumps(report, indent=2) if args.json else format_report(report))
+    return 0
 
 
 def _run(spec, args) -> int:

@@ -60,6 +60,17 @@ def export_mindir(cell, inputs, path: Path) -> Path:
     return path
 
 
+def export_onnx(cell, example: np.ndarray, path: Path, free_batch: bool) -> Path:
+    """Export `cell` to ONNX; MindSpore frees the batch only through dynamic_axes."""
+    import mindspore
+    from mindspore import onnx
+
+    axes = {"x": {0: "batch"}} if free_batch else None
+    onnx.export(cell, mindspore.Tensor(example), file_name=str(path), input_names=["x"],
+                dynamic_axes=axes)
+    return path
+
+
 def dynamic(*row_shape, dtype="float32"):
     """A MindSpore input spec with a free batch dimension and the given row shape."""
     import mindspore

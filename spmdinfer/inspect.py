@@ -1,0 +1,74 @@
+"""What a slice file declares: its format, inputs and outputs, read without MPI or a run."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.util
+from pathlib import Path
+
+from .backends import PACKAGES, Placement, TensorInfo
+from .errors import BackendError
+
+# File suffix -> (format, backend that reads it).
+FORMATS = {".mindir": ("mindir", "mindspore"), ".onnx": ("onnx", "onnxruntime")}
+
+
+def inspect_slice(path: str | Path) -> dict:
+    """Format, reading backend and declared inputs and outputs of one slice file.
+
+    `outputs` is None where the file does not declare them (MindIR tuple outputs).
+    """
+    path = Path(path)
+    if path.suffix.lower() not in FORMATS:
+        raise BackendError(f"{path}: unknown slice format {path.suffix!r}; "
+                           f"known: {', '.join(FORMATS)}")
+    if not path.is_file():
+        raise BackendError(f"{path}: slice file not found")
+    fmt, backend = FORMATS[path.suffix.lower()]
+    if importlib.util.find_spec(PACKAGES[backend]) is None:
+        raise BackendError(f"{path}: reading {fmt} files needs the Python package "
+                           f"{PACKAGES[backend]!r}, which is not installed")
+    if fmt == "mindir":
+        from .backends.mindspore import read_signature
+
+        # Only the protobuf is parsed: no graph is compiled, so any MindIR reads on any host.
+        inputs, outputs = read_signature(path)
+        version = importlib.metadata.version("mindspore")
+    else:
+        from .backends.onnxruntime import open_session
+
+        session = open_session(path, Placement("cpu", None, 0, 1),
+                               {"graph_optimization_level": "disable_all"})
+        inputs, outputs, version = session.inputs(), session.outputs(), session.version
+    return {"file": str(path), "format": fmt, "backend": backend, "backend_version": version,
+            "inputs": [_tensor(t) for t in inputs],
+            "outputs": [_tensor(t) for t in outputs] if outputs else None}
+
+
+def format_report(report: dict) -> str:
+    """The human-readable table of an inspect_slice report."""
+    lines = [f"{report['file']}: {report['format']}, read with "
+             f"{report['backend']} {report['backend_version']}"]
+    for kind in ("inputs", "outputs"):
+        tensors = report[kind]
+        if tensors is None:
+            lines.append(f"{kind}: not declared in the file")
+            continue
+        rows = [(t["name"], t["dtype"] or "?", _shape(t["shape"])) for t in tensors]
+        widths = [max(len(r[i]) for r in rows + [("name", "dtype", "shape")]) for i in range(3)]
+        lines.append(f"{kind}:")
+        for row in [("name", "dtype", "shape")] + rows:
+            lines.append("  " + "  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip())
+    return "\n".join(lines)
+
+
+def _tensor(info: TensorInfo) -> dict:
+    return {"name": info.name,
+            "shape": None if info.shape is None else list(info.shape),
+            "dtype": None if info.dtype is None else str(info.dtype)}
+
+
+def _shape(shape: list | None) -> str:
+    if shape is None:
+        return "?"
+    return "(" + ", ".join("?" if d is None else str(d) for d in shape) + ")"
