@@ -25,6 +25,7 @@ from .errors import SpecError
 BACKEND_NAMES = ("auto", "mindspore", "mslite", "onnxruntime")
 TARGETS = ("cpu", "gpu", "ascend")
 PROVIDERS = ("", "tensorrt", "ge")
+HANDOFFS = ("host", "graph")
 TEMPLATE_FIELDS = ("rank",)
 _INT_FORMAT = re.compile(r"0?[0-9]*d?")
 
@@ -58,19 +59,41 @@ class Combine:
 
 
 @dataclass(frozen=True)
+class Step:
+    """One step of a multi-graph program: run graph `graph` `repeat` times.
+
+    `feed` maps an input name of the graph to an output name of the step before
+    (or of the same graph's previous repeat); inputs not fed come from the batch.
+    """
+
+    graph: int
+    repeat: int = 1
+    feed: tuple[tuple[str, str], ...] = ()
+
+
+@dataclass(frozen=True)
 class ModelSpec:
-    files: str
+    files: tuple[str, ...]   # one path template per graph
     backend: str = "auto"
     ranks: int = 1
     stages: int = 1
+    handoff: str = "host"
+
+    @property
+    def ranks_per_stage(self) -> int:
+        return self.ranks // self.stages
+
+    def graph_paths(self, rank: int) -> list[Path]:
+        """The slice files of model rank `rank`, one per graph, with {rank} filled in."""
+        return [Path(template.format(rank=rank)) for template in self.files]
 
     def slice_path(self, rank: int) -> Path:
-        """The slice file of model rank `rank` (the template with {rank} filled in)."""
-        return Path(self.files.format(rank=rank))
+        """The first graph's slice file of model rank `rank`."""
+        return self.graph_paths(rank)[0]
 
-    def slice_paths(self) -> list[Path]:
-        """Every model rank's slice file, in rank order."""
-        return [self.slice_path(rank) for rank in range(self.ranks)]
+    def slice_paths(self) -> list[tuple[int, Path]]:
+        """(model rank, file) for every graph of every model rank."""
+        return [(rank, path) for rank in range(self.ranks) for path in self.graph_paths(rank)]
 
 
 @dataclass(frozen=True)
@@ -111,6 +134,7 @@ class JobSpec:
     output: OutputSpec
     device: DeviceSpec = DeviceSpec()
     backend_options: dict = field(default_factory=dict)
+    steps: tuple[Step, ...] = ()   # empty: graph 0 once
 
     @property
     def input_names(self) -> list[str]:
@@ -144,13 +168,13 @@ def parse_spec(text: str, path: Path) -> JobSpec:
         raise SpecError(f"invalid TOML: {exc}") from None
     base = path.resolve().parent
     tables = {"model": ModelSpec, "device": DeviceSpec, "input": InputSpec, "output": OutputSpec,
-              "backend": None}
+              "backend": None, "steps": None}
     _check_keys(doc, tables, "the top level", what="table")
     for name in ("model", "input", "output"):
         if name not in doc:
             raise SpecError(f"missing table [{name}]")
     for name in tables:
-        if name in doc and not isinstance(doc[name], dict):
+        if name in doc and name != "steps" and not isinstance(doc[name], dict):
             raise SpecError(f"[{name}] must be a table, got {doc[name]!r}")
 
     model = _parse_model(doc["model"], base)
@@ -158,23 +182,52 @@ def parse_spec(text: str, path: Path) -> JobSpec:
     input_spec = _parse_input(doc["input"], base)
     output = _parse_output(doc["output"], base)
     backend_options = _parse_backend_options(doc.get("backend", {}))
+    steps = _parse_steps(doc["steps"], len(model.files)) if "steps" in doc else ()
     return JobSpec(path=path.resolve(), text=text, model=model, device=device,
-                   input=input_spec, output=output, backend_options=backend_options)
+                   input=input_spec, output=output, backend_options=backend_options, steps=steps)
 
 
 def _parse_model(table: dict, base: Path) -> ModelSpec:
     _check_keys(table, _fields(ModelSpec), "[model]")
-    files = _template(_require(table, "files", "[model]", str), "[model] files", base)
+    files = table.get("files")
+    if isinstance(files, str):
+        files = [files]
+    if not isinstance(files, list) or not files or not all(isinstance(f, str) and f for f in files):
+        raise SpecError(f"[model] files must be a path template or a list of them (one per graph), "
+                        f"got {files!r}")
+    templates = tuple(_template(f, "[model] files", base) for f in files)
     backend = _choice(table, "backend", "[model]", BACKEND_NAMES, ModelSpec.backend)
     ranks = _integer(table, "ranks", "[model]", ModelSpec.ranks, minimum=1)
     stages = _integer(table, "stages", "[model]", ModelSpec.stages, minimum=1)
-    if ranks > 1 and "{rank" not in files:
+    handoff = _choice(table, "handoff", "[model]", HANDOFFS, ModelSpec.handoff)
+    if ranks > 1 and any("{rank" not in f for f in files):
         raise SpecError(f"[model] files must contain {{rank}} when ranks = {ranks}, "
                         f"so that every rank loads its own slice; got {table['files']!r}")
-    if stages != 1:
-        raise SpecError(f"[model] stages = {stages}: pipeline stages are not supported yet; "
-                        "expected 1")
-    return ModelSpec(files=files, backend=backend, ranks=ranks, stages=stages)
+    if ranks % stages:
+        raise SpecError(f"[model] ranks = {ranks} must be a multiple of stages = {stages} "
+                        "(every stage holds ranks / stages model ranks)")
+    return ModelSpec(files=templates, backend=backend, ranks=ranks, stages=stages, handoff=handoff)
+
+
+def _parse_steps(steps, graphs: int) -> tuple[Step, ...]:
+    if not isinstance(steps, list) or not steps or not all(isinstance(t, dict) for t in steps):
+        raise SpecError("[[steps]] must be an array of tables, each with graph = N")
+    parsed = []
+    for index, table in enumerate(steps):
+        where = f"[[steps]] #{index + 1}"
+        _check_keys(table, _fields(Step), where)
+        if "graph" not in table:
+            raise SpecError(f"{where}: graph is required (0 to {graphs - 1}, an index into [model] files)")
+        graph = table["graph"]
+        if not _is_int(graph) or not 0 <= graph < graphs:
+            raise SpecError(f"{where} graph must be an index into [model] files, 0 to {graphs - 1}; "
+                            f"got {graph!r}")
+        repeat = _integer(table, "repeat", where, Step.repeat, minimum=1)
+        feed = table.get("feed", {})
+        if not isinstance(feed, dict) or not all(isinstance(v, str) for v in feed.values()):
+            raise SpecError(f"{where} feed must be a table of input_name = \"output_name\", got {feed!r}")
+        parsed.append(Step(graph=graph, repeat=repeat, feed=tuple(feed.items())))
+    return tuple(parsed)
 
 
 def _parse_device(table: dict, base: Path) -> DeviceSpec:

@@ -26,7 +26,7 @@ class Preflight:
 
 def check_slices(spec: JobSpec) -> None:
     """Every model rank's slice file exists."""
-    for rank, path in enumerate(spec.model.slice_paths()):
+    for rank, path in spec.model.slice_paths():
         if not path.is_file():
             raise BackendError(f"[model] files: slice of model rank {rank} not found: {path}")
 

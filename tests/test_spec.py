@@ -81,7 +81,14 @@ y = "concat:-1"
     (BASE + '[output.combine]\nz = "sum"', "[output.combine] z: no such output; outputs are: y"),
     (BASE + '[device]\ndevice_id = -1', "[device] device_id must be"),
     (BASE + '[device]\ntarget = "tpu"', "[device] target must be one of"),
-    (BASE.replace("[model]", "[model]\nstages = 2"), "[model] stages = 2"),
+    (BASE.replace("[model]", "[model]\nstages = 3"), "ranks = 2 must be a multiple of stages = 3"),
+    (BASE.replace("[model]", '[model]\nhandoff = "wire"'), "[model] handoff must be one of 'host', 'graph'"),
+    (BASE.replace('"model/device{rank}/net.mindir"', '[]'), "[model] files must be a path template or a list"),
+    (BASE + "[[steps]]\nrepeat = 2\n", "[[steps]] #1: graph is required"),
+    (BASE + "[[steps]]\ngraph = 1\n", "[[steps]] #1 graph must be an index into [model] files, 0 to 0"),
+    (BASE + "[[steps]]\ngraph = 0\nrepeat = 0\n", "[[steps]] #1 repeat must be an integer >= 1"),
+    (BASE + "[[steps]]\ngraph = 0\nfeed = 3\n", "[[steps]] #1 feed must be a table"),
+    (BASE + "[[steps]]\ngraph = 0\nloops = 3\n", "unknown key 'loops' in [[steps]] #1"),
     ("[input]\nfile='a'\n[input.datasets]\nx='/x'\n[output]\nfile='b'\n[output.datasets]\ny='/y'",
      "missing table [model]"),
 ])
@@ -89,6 +96,15 @@ def test_bad_job_files_name_the_key(text, needle):
     with pytest.raises(SpecError) as err:
         parse(text)
     assert needle in str(err.value)
+
+
+def test_multi_graph_program_and_stages():
+    text = BASE.replace('files = "model/device{rank}/net.mindir"\nranks = 2',
+                        'files = ["g0_{rank}.mindir", "g1_{rank}.mindir"]\nranks = 4\nstages = 2')
+    spec = parse(text + '[[steps]]\ngraph = 0\n[[steps]]\ngraph = 1\nrepeat = 10\nfeed = { h = "output0" }\n')
+    assert spec.model.ranks_per_stage == 2 and spec.model.handoff == "host"
+    assert spec.model.graph_paths(3) == [Path("/jobs/demo/g0_3.mindir"), Path("/jobs/demo/g1_3.mindir")]
+    assert [(s.graph, s.repeat, s.feed) for s in spec.steps] == [(0, 1, ()), (1, 10, (("h", "output0"),))]
 
 
 def test_toml_error_names_the_line(tmp_path):
