@@ -1,83 +1,211 @@
 """Communication between the ranks of a job.
 
-Arrays travel as raw buffers, never pickled. Every wait for a peer goes through
-`Channel.wait`, which tests a nonblocking request and sleeps with a growing
-backoff between tests, so ranks that wait for rank 0 do not burn a core when
-ranks outnumber cores. Once a polite rendezvous shows every rank is present,
-bulk transfers use the blocking calls, which then run at full speed.
+Arrays travel as raw buffers, never pickled, in *packets*: a fixed-size int64
+header (what comes: kind, first row, rows, and each array's dtype and shape)
+followed by the arrays themselves.
+
+Every wait for a peer goes through `Channel.wait`, which tests a nonblocking
+request, checks the job-wide failure notices (`Peers`) and sleeps with a growing
+backoff between tests: ranks that wait do not burn a core when ranks outnumber
+cores, and no rank waits forever for a peer that has failed. Once a polite
+rendezvous shows every rank of a group is present, bulk transfers use the
+blocking calls, which then run at full speed.
 """
 
 from __future__ import annotations
 
+import socket
 import time
-from typing import Any, Sequence
+from collections import deque
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from .errors import JobFailed
+from .errors import PeerFailed
 
 ROOT = 0
-MIN_DELAY = 20e-6   # first sleep between two tests of a pending request
-MAX_DELAY = 1e-3    # longest sleep: bounds the latency a waiting rank adds
-MAX_NDIM = 32       # dims carried per output in a batch report
+SPIN_SECONDS = 50e-6  # test without sleeping this long first: a peer that is nearly there
+MIN_DELAY = 20e-6     # first sleep between two tests of a pending request
+MAX_DELAY = 1e-3      # longest sleep: bounds the latency a waiting rank adds
+MAX_ARRAYS = 64       # arrays per packet
+MAX_NDIM = 16         # dims per array
+SEND_WINDOW = 2       # packets a rank may have in flight to others before it waits
+NOTICE_BYTES = 4096
+NOTICE_TAG = 7
+PACKET_TAG = 11
+
+# Packet kinds.
+GO, DONE = 0, 1
+
+
+class Peers:
+    """Failure notices: any rank can tell every other rank that the job has failed."""
+
+    def __init__(self, world):
+        from mpi4py import MPI
+
+        self.comm = world.Dup()
+        self._buffer = bytearray(NOTICE_BYTES)
+        self._request = self.comm.Irecv(self._buffer, source=MPI.ANY_SOURCE, tag=NOTICE_TAG)
+        self._sent = []
+
+    def check(self) -> None:
+        """Raise PeerFailed if some rank has sent a failure notice."""
+        if self._request.Test():
+            code, _, text = bytes(self._buffer).rstrip(b"\0").decode("utf-8", "replace").partition(" ")
+            raise PeerFailed(text, int(code))
+
+    def notify(self, message: str, code: int) -> None:
+        """Tell every other rank that this one failed (small messages: they leave at once)."""
+        payload = bytearray(NOTICE_BYTES)
+        data = f"{code} {message}".encode("utf-8")[:NOTICE_BYTES]
+        payload[:len(data)] = data
+        self._sent = [self.comm.Isend(payload, dest=rank, tag=NOTICE_TAG)
+                      for rank in range(self.comm.size) if rank != self.comm.rank]
+        deadline = time.monotonic() + 5.0
+        from mpi4py import MPI
+
+        while self._sent and not MPI.Request.Testall(self._sent) and time.monotonic() < deadline:
+            time.sleep(MIN_DELAY)
+
+    def close(self) -> None:
+        if self._request:  # still pending: nobody failed
+            self._request.Cancel()
+            self._request.Wait()
+        self.comm.Free()
 
 
 class Channel:
     """A private duplicate of a communicator with the few operations the runner uses."""
 
-    def __init__(self, comm):
+    def __init__(self, comm, peers: Peers, idle: Callable[[], None] | None = None):
         from mpi4py import MPI
 
         self._mpi = MPI
         self.comm = comm.Dup()
+        self.peers = peers
+        self.idle = idle  # run while waiting (rank 0 drains finished batches to the output)
         self.rank = self.comm.rank
         self.size = self.comm.size
+        self._outbox: deque = deque()
 
     @property
     def is_root(self) -> bool:
         return self.rank == ROOT
 
+    def split(self, color: int) -> Channel:
+        """The ranks that share `color`, in rank order, with the same peers and idle work."""
+        part = self.comm.Split(color, self.rank)
+        try:
+            return Channel(part, self.peers, self.idle)
+        finally:
+            part.Free()
+
     def close(self) -> None:
         self.comm.Free()
 
+    # Waiting.
+
     def wait(self, request) -> None:
-        """Complete `request`, sleeping between tests instead of spinning."""
+        """Complete `request`, sleeping between tests; raise PeerFailed if a peer failed."""
+        started = time.monotonic()
         delay = MIN_DELAY
         while not request.Test():
-            time.sleep(delay)
-            delay = min(delay * 2, MAX_DELAY)
+            self.peers.check()
+            if self.idle is not None:
+                self.idle()
+            if time.monotonic() - started > SPIN_SECONDS:
+                time.sleep(delay)
+                delay = min(delay * 2, MAX_DELAY)
+
+    def wait_all(self, requests) -> None:
+        for request in requests:
+            self.wait(request)
 
     def barrier(self) -> None:
         self.wait(self.comm.Ibarrier())
 
-    def bcast_array(self, array: np.ndarray) -> None:
-        """Broadcast `array` in place from the root (blocking: use after a polite rendezvous)."""
-        if array.nbytes:
-            self.comm.Bcast(_bytes(array), root=ROOT)
-
-    def bcast_ints(self, values: np.ndarray) -> None:
-        """Broadcast a small int64 array in place from the root, waiting politely."""
-        self.wait(self.comm.Ibcast(values, root=ROOT))
-
-    def allgather_ints(self, values: np.ndarray) -> np.ndarray:
-        """Every rank's int64 vector, one row per rank, waiting politely."""
-        table = np.empty((self.size, values.size), dtype=np.int64)
-        self.wait(self.comm.Iallgather(values, table))
-        return table
+    # Small metadata (pickled), only at start-up and at the end.
 
     def bcast_object(self, obj: Any) -> Any:
-        """Broadcast a small picklable object (metadata only) from the root."""
         self.barrier()
         return self.comm.bcast(obj, root=ROOT)
 
     def gather_objects(self, obj: Any) -> list[Any] | None:
-        """Gather small picklable objects (metadata only) on the root, in rank order."""
         self.barrier()
         return self.comm.gather(obj, root=ROOT)
 
+    def allgather_objects(self, obj: Any) -> list[Any]:
+        self.barrier()
+        return self.comm.allgather(obj)
+
+    def agree(self, error: BaseException | None, code: int = 0) -> None:
+        """Raise PeerFailed on every rank if `error` is set on any rank.
+
+        Every rank must call this at the same point; the root learns each rank's
+        message and host, so the first failure can be printed once.
+        """
+        report = None if error is None else (code or 2, str(error), socket.gethostname())
+        reports = self.gather_objects(report)
+        failed = None
+        if self.is_root:
+            failed = [(rank, r) for rank, r in enumerate(reports) if r is not None]
+        failed = self.bcast_object(failed)
+        if failed:
+            raise job_failed(failed, self.size)
+
+    # Packets inside a group: the root's arrays reach every rank.
+
+    def bcast_packet(self, kind: int = GO, start: int = 0, rows: int = 0,
+                     arrays: Sequence[np.ndarray] = ()) -> tuple[int, int, int, list[np.ndarray]]:
+        """Broadcast a packet from the root; every rank returns (kind, start, rows, arrays)."""
+        header = pack_header(kind, start, rows, arrays) if self.is_root else empty_header()
+        self.wait(self.comm.Ibcast(header, root=ROOT))
+        kind, start, rows, layout = unpack_header(header)
+        if not self.is_root:
+            arrays = [np.empty(shape, dtype) for dtype, shape in layout]
+        if any(a.nbytes for a in arrays):
+            self.barrier()  # the root's header left eagerly: wait until every rank is here
+            for array in arrays:
+                if array.nbytes:
+                    self.comm.Bcast(_bytes(array), root=ROOT)
+        return kind, start, rows, list(arrays)
+
+    # Packets between two ranks.
+
+    def send_packet(self, dest: int, kind: int, start: int, rows: int,
+                    arrays: Sequence[np.ndarray] = ()) -> None:
+        """Send a packet to `dest` without waiting for it, keeping at most SEND_WINDOW in flight."""
+        while len(self._outbox) >= SEND_WINDOW:
+            self.wait_all(self._outbox.popleft()[0])
+        arrays = [np.ascontiguousarray(a) for a in arrays]
+        header = pack_header(kind, start, rows, arrays)
+        requests = [self.comm.Isend(header, dest=dest, tag=PACKET_TAG)]
+        requests += [self.comm.Isend(_bytes(a), dest=dest, tag=PACKET_TAG) for a in arrays if a.nbytes]
+        self._outbox.append((requests, header, arrays))  # buffers live until sent
+
+    def flush(self) -> None:
+        """Wait until every packet this rank sent has left."""
+        while self._outbox:
+            self.wait_all(self._outbox.popleft()[0])
+
+    def recv_packet(self, source: int) -> tuple[int, int, int, list[np.ndarray]]:
+        receiver = PacketReceiver(self, source)
+        while (packet := receiver.poll()) is None:
+            self.wait(receiver.request)
+        return packet
+
+    # Combining a group's outputs on its root.
+
+    def allgather_layouts(self, arrays: Sequence[np.ndarray]) -> list[list[tuple[np.dtype, tuple]]]:
+        """Every rank's (dtype, shape) of each array, so every rank reaches the same verdict."""
+        table = np.empty((self.size, header_size()), dtype=np.int64)
+        self.wait(self.comm.Iallgather(pack_header(GO, 0, 0, arrays), table))
+        return [unpack_header(row)[3] for row in table]
+
     def gather_concat(self, array: np.ndarray, shapes: Sequence[tuple[int, ...]],
                       axis: int) -> np.ndarray | None:
-        """Concatenate every rank's `array` (shapes known from the batch report) on the root."""
+        """Concatenate every rank's `array` (shapes known from the layouts) on the root."""
         counts = [int(np.prod(s)) * array.itemsize for s in shapes]
         if not self.is_root:
             self.comm.Gatherv(_bytes(array), None, root=ROOT)
@@ -97,30 +225,76 @@ class Channel:
         self.comm.Reduce(array, result, op=self._mpi.SUM, root=ROOT)
         return result
 
-    def agree(self, error: BaseException | None, code: int = 0) -> None:
-        """Raise JobFailed on every rank if `error` is set on any rank.
 
-        Every rank must call this at the same point. The root learns each rank's
-        message and host, so it can print the first failure once.
-        """
-        import socket
+class PacketReceiver:
+    """A packet from one rank, received without blocking: poll() until it returns it."""
 
-        report = None if error is None else (code or 2, str(error), socket.gethostname())
-        reports = self.gather_objects(report)
-        failed = None
-        if self.is_root:
-            failed = [(rank, r) for rank, r in enumerate(reports) if r is not None]
-        failed = self.bcast_object(failed)
-        if failed:
-            raise job_failed(failed, self.size)
+    def __init__(self, channel: Channel, source: int):
+        self.channel = channel
+        self.source = source
+        self.header = empty_header()
+        self.request = channel.comm.Irecv(self.header, source=source, tag=PACKET_TAG)
+        self.arrays: list[np.ndarray] | None = None
+        self._data_requests: list = []
+
+    def poll(self):
+        """The packet (kind, start, rows, arrays) once it has fully arrived, else None."""
+        if self.arrays is None:
+            if not self.request.Test():
+                return None
+            _, _, _, layout = unpack_header(self.header)
+            self.arrays = [np.empty(shape, dtype) for dtype, shape in layout]
+            self._data_requests = [self.channel.comm.Irecv(_bytes(a), source=self.source,
+                                                           tag=PACKET_TAG)
+                                   for a in self.arrays if a.nbytes]
+        while self._data_requests:
+            if not self._data_requests[0].Test():
+                self.request = self._data_requests[0]
+                return None
+            self._data_requests.pop(0)
+        kind, start, rows, _ = unpack_header(self.header)
+        return kind, start, rows, self.arrays
 
 
-def job_failed(failed: list[tuple[int, tuple[int, str, str]]], size: int) -> JobFailed:
-    """One JobFailed that names the first failing rank (and how many others failed)."""
+def header_size() -> int:
+    return 4 + MAX_ARRAYS * (2 + MAX_NDIM)
+
+
+def empty_header() -> np.ndarray:
+    return np.zeros(header_size(), dtype=np.int64)
+
+
+def pack_header(kind: int, start: int, rows: int, arrays: Sequence[np.ndarray]) -> np.ndarray:
+    """The int64 header of a packet: kind, start, rows, count, then (dtype, ndim, dims) each."""
+    if len(arrays) > MAX_ARRAYS:
+        raise ValueError(f"{len(arrays)} arrays in one batch; at most {MAX_ARRAYS} are supported")
+    header = empty_header()
+    header[:4] = kind, start, rows, len(arrays)
+    for k, array in enumerate(arrays):
+        if array.ndim > MAX_NDIM:
+            raise ValueError(f"an array with {array.ndim} dimensions; at most {MAX_NDIM} are supported")
+        at = 4 + k * (2 + MAX_NDIM)
+        header[at:at + 2] = ord(array.dtype.char), array.ndim
+        header[at + 2:at + 2 + array.ndim] = array.shape
+    return header
+
+
+def unpack_header(header: np.ndarray) -> tuple[int, int, int, list[tuple[np.dtype, tuple]]]:
+    kind, start, rows, count = (int(v) for v in header[:4])
+    layout = []
+    for k in range(count):
+        at = 4 + k * (2 + MAX_NDIM)
+        ndim = int(header[at + 1])
+        layout.append((np.dtype(chr(header[at])), tuple(int(d) for d in header[at + 2:at + 2 + ndim])))
+    return kind, start, rows, layout
+
+
+def job_failed(failed: list[tuple[int, tuple[int, str, str]]], size: int) -> PeerFailed:
+    """One PeerFailed that names the first failing rank (and how many others failed)."""
     rank, (code, message, host) = failed[0]
     where = f"rank {rank} ({host}): " if size > 1 else ""
     others = f" [and {len(failed) - 1} more rank(s) failed]" if len(failed) > 1 else ""
-    return JobFailed(f"{where}{message}{others}", max(c for _, (c, _, _) in failed))
+    return PeerFailed(f"{where}{message}{others}", max(c for _, (c, _, _) in failed))
 
 
 def _bytes(array: np.ndarray) -> np.ndarray:

@@ -37,3 +37,8 @@ class JobFailed(SpmdinferError):
     def __init__(self, message: str, exit_code: int):
         super().__init__(message)
         self.exit_code = exit_code
+
+
+class PeerFailed(JobFailed):
+    """Raised on a rank that learns of a failure every rank already knows about
+    (an agreed start-up check, or another rank's failure notice)."""

@@ -78,6 +78,7 @@ class ModelSpec:
     ranks: int = 1
     stages: int = 1
     handoff: str = "host"
+    stage_combine: tuple[Combine, ...] = ()   # per stage before the last, for all its outputs
 
     @property
     def ranks_per_stage(self) -> int:
@@ -206,7 +207,14 @@ def _parse_model(table: dict, base: Path) -> ModelSpec:
     if ranks % stages:
         raise SpecError(f"[model] ranks = {ranks} must be a multiple of stages = {stages} "
                         "(every stage holds ranks / stages model ranks)")
-    return ModelSpec(files=templates, backend=backend, ranks=ranks, stages=stages, handoff=handoff)
+    modes = table.get("stage_combine", "rank0")
+    modes = [modes] * (stages - 1) if isinstance(modes, str) else modes
+    if not isinstance(modes, list) or len(modes) != stages - 1:
+        raise SpecError(f"[model] stage_combine must be a combine mode or a list of {stages - 1} "
+                        f"(one per stage before the last), got {table.get('stage_combine')!r}")
+    stage_combine = tuple(Combine.parse(m, f"[model] stage_combine[{i}]") for i, m in enumerate(modes))
+    return ModelSpec(files=templates, backend=backend, ranks=ranks, stages=stages, handoff=handoff,
+                     stage_combine=stage_combine)
 
 
 def _parse_steps(steps, graphs: int) -> tuple[Step, ...]:

@@ -17,22 +17,82 @@ WORLD_RANK_VARIABLES = ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK", "SLURM_
 
 
 @dataclass(frozen=True)
-class RankInfo:
-    """Where this process sits in the job."""
+class Layout:
+    """Where a world rank sits: replica, then stage, then rank inside the stage.
+
+    Consecutive world ranks form a replica (so a replica stays on one node when
+    ranks per node is a multiple of `ranks`); inside a replica, consecutive
+    model ranks form a stage.
+    """
 
     rank: int
     size: int
+    ranks: int    # model ranks per replica
+    stages: int
+
+    @property
+    def replicas(self) -> int:
+        return self.size // self.ranks
+
+    @property
+    def replica(self) -> int:
+        return self.rank // self.ranks
+
+    @property
+    def model_rank(self) -> int:
+        return self.rank % self.ranks
+
+    @property
+    def per_stage(self) -> int:
+        return self.ranks // self.stages
+
+    @property
+    def stage(self) -> int:
+        return self.model_rank // self.per_stage
+
+    @property
+    def stage_rank(self) -> int:
+        return self.model_rank % self.per_stage
+
+    def leader(self, replica: int, stage: int) -> int:
+        """The world rank that leads `stage` of `replica` (its first rank)."""
+        return replica * self.ranks + stage * self.per_stage
+
+
+def layout_for(size: int, rank: int, spec: JobSpec) -> Layout:
+    """The Layout of world rank `rank` in a world of `size`; WorldSizeError if it does not fit."""
+    ranks = spec.model.ranks
+    if size % ranks:
+        raise WorldSizeError(f"world size {size} is not a multiple of [model] ranks = {ranks}; "
+                             f"launch with mpiexec -n {ranks} (or a multiple of it for replicas)")
+    return Layout(rank=rank, size=size, ranks=ranks, stages=spec.model.stages)
+
+
+@dataclass(frozen=True)
+class RankInfo:
+    """Where this process sits in the job, and what it runs on."""
+
+    layout: Layout
     local_rank: int
     local_size: int
     host: str
-    model_rank: int
     device_id: int | None
     threads: int
 
+    @property
+    def rank(self) -> int:
+        return self.layout.rank
+
+    @property
+    def model_rank(self) -> int:
+        return self.layout.model_rank
+
     def __str__(self) -> str:
+        layout = self.layout
         device = "" if self.device_id is None else f" device={self.device_id}"
-        return (f"rank {self.rank}/{self.size} on {self.host} (local {self.local_rank}/"
-                f"{self.local_size}) model_rank={self.model_rank}{device} threads={self.threads}")
+        return (f"rank {layout.rank}/{layout.size} on {self.host} (local {self.local_rank}/"
+                f"{self.local_size}) replica={layout.replica} stage={layout.stage} "
+                f"model_rank={layout.model_rank}{device} threads={self.threads}")
 
 
 def launcher_rank() -> int:
@@ -46,23 +106,25 @@ def launcher_rank() -> int:
 
 def discover(comm, spec: JobSpec) -> RankInfo:
     """Build this rank's RankInfo from `comm` and the launcher's environment."""
-    if comm.size != spec.model.ranks:
-        raise WorldSizeError(f"world size {comm.size} does not match [model] ranks = "
-                             f"{spec.model.ranks}; launch with mpiexec -n {spec.model.ranks}")
+    layout = layout_for(comm.size, comm.rank, spec)
     node = comm.Split_type(_shared_split_type(), key=comm.rank)
     try:
         local_rank, local_size = node.rank, node.size
     finally:
         node.Free()
+    local_rank = env_local_rank(local_rank)
+    return RankInfo(layout=layout, local_rank=local_rank, local_size=local_size,
+                    host=socket.gethostname(), device_id=device_for(spec.device, local_rank),
+                    threads=threads_for(spec.device, local_size))
+
+
+def env_local_rank(default: int) -> int:
+    """The node-local rank the launcher exported, else `default`."""
     for name in LOCAL_RANK_VARIABLES:
         value = os.environ.get(name, "")
         if value.isdigit():
-            local_rank = int(value)
-            break
-    return RankInfo(rank=comm.rank, size=comm.size, local_rank=local_rank, local_size=local_size,
-                    host=socket.gethostname(), model_rank=comm.rank % spec.model.ranks,
-                    device_id=device_for(spec.device, local_rank),
-                    threads=threads_for(spec.device, local_size))
+            return int(value)
+    return default
 
 
 def device_for(device: DeviceSpec, local_rank: int) -> int | None:

@@ -17,7 +17,8 @@ from spmdinfer.backends import Placement, TensorInfo
 from spmdinfer.backends import mslite as mslite_backend
 from spmdinfer.data import InputField
 from spmdinfer.errors import BackendError
-from spmdinfer.runner import bind_inputs, run_job
+from spmdinfer.program import bind_inputs
+from spmdinfer.runner import run_job
 from spmdinfer.spec import load_spec, parse_spec
 from spmdinfer.topology import device_for
 from tests import fake_mindspore_lite

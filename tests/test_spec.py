@@ -8,7 +8,9 @@ import pytest
 from spmdinfer.backends import TensorInfo, predict_in_fixed_batches
 from spmdinfer.data import InputField
 from spmdinfer.errors import BackendError, DataError, SpecError
-from spmdinfer.runner import batch_report, bind_inputs, report_layout
+from spmdinfer.comm import pack_header, unpack_header
+from spmdinfer.program import bind_inputs
+from spmdinfer.runner import check_layout
 from spmdinfer.spec import Combine, load_spec, parse_spec
 from spmdinfer.topology import device_for, threads_for
 
@@ -153,20 +155,26 @@ def test_bind_inputs_never_casts_or_reshapes(dtype, shape):
         bind_inputs(declared, fields(("x", dtype, shape)), Path("m"))
 
 
-def test_batch_report_round_trip_and_layout_checks():
-    outs = [np.zeros((5, 2), np.float32), np.zeros((5,), np.int32)]
-    table = np.stack([batch_report(0, outs, 2), batch_report(0, outs, 2)])
-    assert report_layout(table, 0, "y", Combine("concat", -1), 5) == [(5, 2), (5, 2)]
-    assert report_layout(table, 1, "k", Combine("sum"), 5) == [(5,), (5,)]
+def test_packet_header_round_trip():
+    arrays = [np.zeros((5, 2), np.float32), np.zeros((5,), np.int32), np.zeros((5, 1, 3), np.bool_)]
+    kind, start, rows, layout = unpack_header(pack_header(1, 640, 5, arrays))
+    assert (kind, start, rows) == (1, 640, 5)
+    assert layout == [(np.dtype("float32"), (5, 2)), (np.dtype("int32"), (5,)), (np.dtype("bool"), (5, 1, 3))]
+
+
+def test_layout_checks_before_combining():
+    f32 = [np.dtype("float32")] * 2
+    check_layout("y", Combine("concat", -1), [(5, 2), (5, 2)], f32, 5)
+    check_layout("y", Combine("concat", 1), [(5, 2), (5, 1)], f32, 5)
+    check_layout("k", Combine("sum"), [(5,), (5,)], f32, 5)
     with pytest.raises(BackendError, match="does not fit"):
-        report_layout(table, 1, "k", Combine("concat", -1), 5)
+        check_layout("k", Combine("concat", -1), [(5,), (5,)], f32, 5)
     with pytest.raises(BackendError, match="keep the batch's rows"):
-        report_layout(table, 0, "y", Combine("rank0"), 6)
-    odd = np.stack([batch_report(0, outs, 2), batch_report(0, [outs[0][:, :1], outs[1][:4]], 2)])
-    with pytest.raises(BackendError, match="sum needs equal shapes|keep the batch"):
-        report_layout(odd, 1, "k", Combine("sum"), 5)
-    assert report_layout(odd, 0, "y", Combine("concat", 1), 5) == [(5, 2), (5, 1)]
-    assert batch_report(2, [], 2)[0] == 2
+        check_layout("y", Combine("sum"), [(5, 2), (5, 2)], f32, 6)
+    with pytest.raises(BackendError, match="sum needs equal shapes"):
+        check_layout("y", Combine("sum"), [(5, 2), (5, 1)], f32, 5)
+    with pytest.raises(BackendError, match="different dtypes"):
+        check_layout("y", Combine("sum"), [(5, 2), (5, 2)], [np.dtype("float32"), np.dtype("int32")], 5)
 
 
 def test_fixed_batch_padding_trims_outputs():
