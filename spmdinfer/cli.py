@@ -37,6 +37,15 @@ def build_parser() -> argparse.ArgumentParser:
     validate.add_argument("--overwrite", action="store_true",
                           help="do not report an existing output file as an error")
 
+    plan = commands.add_parser(
+        "plan", help="show where every rank will run and which slices it loads, without MPI")
+    plan.add_argument("job", help="the job file (TOML)")
+    plan.add_argument("-n", dest="world", type=int, required=True, metavar="WORLD",
+                      help="the world size you will launch with (mpiexec -n WORLD)")
+    plan.add_argument("--per-node", type=int, default=None, metavar="K",
+                      help="ranks per node (default: all on one node)")
+    plan.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
     inspect = commands.add_parser(
         "inspect", help="show a slice file's format, inputs and outputs without MPI or a run")
     inspect.add_argument("file", help="the slice file (.mindir or .onnx)")
@@ -50,6 +59,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "inspect":
             return _inspect(args)
         spec = load_spec(args.job)
+        if args.command == "plan":
+            return _plan(spec, args)
         if args.command == "validate":
             from .validate import validate
 
@@ -60,6 +71,23 @@ def main(argv: list[str] | None = None) -> int:
             _error(exc)
         return exc.exit_code
     return _run(spec, args)
+
+
+def _plan(spec, args) -> int:
+    from .plan import format_plan, plan, shared_devices
+
+    rows = plan(spec, args.world, args.per_node)
+    clashes = shared_devices(rows)
+    print(json.dumps({"ranks": rows, "shared_devices": clashes}, indent=2) if args.json
+          else format_plan(rows))
+    missing = [r["rank"] for r in rows if not r["exists"]]
+    if missing or clashes:
+        problem = (f"slice files missing for rank(s) {missing}" if missing else
+                   f"ranks {clashes[0][0]} and {clashes[0][1]} would share a device")
+        if not args.json:
+            print(f"spmdinfer: error: {problem}", file=sys.stderr)
+        return 2
+    return 0
 
 
 def _inspect(args) -> int:

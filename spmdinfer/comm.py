@@ -177,7 +177,7 @@ class Channel:
                     arrays: Sequence[np.ndarray] = ()) -> None:
         """Send a packet to `dest` without waiting for it, keeping at most SEND_WINDOW in flight."""
         while len(self._outbox) >= SEND_WINDOW:
-            self.wait_all(self._outbox.popleft()[0])
+            self._complete_oldest()
         arrays = [np.ascontiguousarray(a) for a in arrays]
         header = pack_header(kind, start, rows, arrays)
         requests = [self.comm.Isend(header, dest=dest, tag=PACKET_TAG)]
@@ -187,7 +187,22 @@ class Channel:
     def flush(self) -> None:
         """Wait until every packet this rank sent has left."""
         while self._outbox:
-            self.wait_all(self._outbox.popleft()[0])
+            self._complete_oldest()
+
+    def abandon(self, seconds: float = 2.0) -> None:
+        """On failure: give packets in flight a moment to leave, so that no peer reads a
+        buffer this process no longer holds; then drop them."""
+        deadline = time.monotonic() + seconds
+        requests = [r for entry in self._outbox for r in entry[0]]
+        while requests and not self._mpi.Request.Testall(requests) and time.monotonic() < deadline:
+            time.sleep(MIN_DELAY)
+        self._outbox.clear()
+
+    def _complete_oldest(self) -> None:
+        """Wait for the oldest packet in flight; its buffers stay referenced until it has left."""
+        requests, _header, _arrays = self._outbox[0]
+        self.wait_all(requests)
+        self._outbox.popleft()
 
     def recv_packet(self, source: int) -> tuple[int, int, int, list[np.ndarray]]:
         receiver = PacketReceiver(self, source)
@@ -242,6 +257,7 @@ class PacketReceiver:
         if self.arrays is None:
             if not self.request.Test():
                 return None
+            self.channel.peers.check()  # a failed sender's packet is not to be trusted
             _, _, _, layout = unpack_header(self.header)
             self.arrays = [np.empty(shape, dtype) for dtype, shape in layout]
             self._data_requests = [self.channel.comm.Irecv(_bytes(a), source=self.source,
@@ -281,11 +297,15 @@ def pack_header(kind: int, start: int, rows: int, arrays: Sequence[np.ndarray]) 
 
 def unpack_header(header: np.ndarray) -> tuple[int, int, int, list[tuple[np.dtype, tuple]]]:
     kind, start, rows, count = (int(v) for v in header[:4])
+    if kind not in (GO, DONE) or not 0 <= count <= MAX_ARRAYS:
+        raise RuntimeError(f"corrupt packet header {header[:4].tolist()}")
     layout = []
     for k in range(count):
         at = 4 + k * (2 + MAX_NDIM)
-        ndim = int(header[at + 1])
-        layout.append((np.dtype(chr(header[at])), tuple(int(d) for d in header[at + 2:at + 2 + ndim])))
+        code, ndim = int(header[at]), int(header[at + 1])
+        if not (0 < code < 128 and 0 <= ndim <= MAX_NDIM):
+            raise RuntimeError(f"corrupt packet header for array {k}: {header[at:at + 2].tolist()}")
+        layout.append((np.dtype(chr(code)), tuple(int(d) for d in header[at + 2:at + 2 + ndim])))
     return kind, start, rows, layout
 
 

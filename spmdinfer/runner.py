@@ -136,6 +136,7 @@ class _Run:
         error, code = _failure(exc, self.info)
         where = f"rank {self.info.rank} ({self.info.host}): " if self.layout.size > 1 else ""
         self.world.peers.notify(f"{where}{error}", code)
+        self.world.abandon()
         return JobFailed(f"{where}{error}", code)
 
     # Start-up.
@@ -228,6 +229,8 @@ class _Run:
                                     f": {error}", code) from None
                 if not forwards:
                     continue
+                if model.handoff == "graph" and layout.stage > 0:
+                    outputs = [o[:max(valid, 1)] for o in outputs]  # the graph ran a padded batch
                 modes = (self.spec.output.combine if last else
                          [model.stage_combine[layout.stage]] * len(outputs))
                 combined = combine_outputs(group, outputs, modes, self._output_names(len(outputs)),

@@ -88,3 +88,47 @@ class FixedBatchOnly(nn.Cell):
 
     def construct(self, x):
         return -self.matmul(ops.reshape(x, self.shape), self.weight)
+
+
+class Dense(nn.Cell):
+    """y = x @ w, optionally through a ReLU: one stage of a pipelined MLP."""
+
+    def __init__(self, weight: np.ndarray, relu: bool = False):
+        super().__init__()
+        self.weight = Parameter(Tensor(np.ascontiguousarray(weight)), name="w")
+        self.matmul = ops.MatMul()
+        self.relu = relu
+
+    def construct(self, x):
+        y = self.matmul(x, self.weight)
+        return ops.relu(y) if self.relu else y
+
+
+class InitGraph(nn.Cell):
+    """The init graph of a two-graph program: h = x @ a."""
+
+    def __init__(self, a: np.ndarray):
+        super().__init__()
+        self.a = Parameter(Tensor(np.ascontiguousarray(a)), name="a")
+        self.matmul = ops.MatMul()
+
+    def construct(self, x):
+        return self.matmul(x, self.a)
+
+
+class StepGraph(nn.Cell):
+    """The step graph: h' = 0.5 * h + x[:, :4], fed its own output back."""
+
+    def construct(self, h, x):
+        return 0.5 * h + x[:, :4]
+
+
+class Constant(nn.Cell):
+    """A graph with no inputs (a later stage in graph handoff): returns a fixed (B, m) tensor."""
+
+    def __init__(self, value: np.ndarray):
+        super().__init__()
+        self.value = Parameter(Tensor(np.ascontiguousarray(value)), name="value")
+
+    def construct(self):
+        return self.value * 1.0
