@@ -212,6 +212,8 @@ class _Run:
             buffer[:1] = 0  # a job with no rows predicts one zero row, to learn the output shapes
         try:
             while True:
+                if self.collector is not None:
+                    self.collector.poll()  # other replicas' finished batches, between own batches
                 packet = (DONE, 0, 0, [])
                 if group.is_root:
                     packet = self._next_packet(my_starts, buffers, rows)
