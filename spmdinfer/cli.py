@@ -27,8 +27,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = commands.add_parser("run", help="run a job (under mpiexec for more than one rank)")
     run.add_argument("job", help="the job file (TOML)")
-    run.add_argument("--overwrite", action="store_true",
-                     help="replace an existing output file (it is kept until the new one is complete)")
+    again = run.add_mutually_exclusive_group()
+    again.add_argument("--overwrite", action="store_true",
+                       help="start again even if the output or a stopped run's parts exist "
+                            "(an existing output is kept until the new one is complete)")
+    again.add_argument("--resume", action="store_true",
+                       help="continue a stopped or failed run from its committed batches "
+                            "(nothing to do if the output is complete)")
     run.add_argument("--no-progress", action="store_true", help="do not draw progress on rank 0")
 
     validate = commands.add_parser(
@@ -101,11 +106,12 @@ def _inspect(args) -> int:
 def _run(spec, args) -> int:
     from mpi4py import MPI
 
-    from .runner import run_job
+    from .runner import EXIT_STOPPED, run_job
 
     world = MPI.COMM_WORLD
     try:
-        summary = run_job(spec, world, overwrite=args.overwrite, progress=not args.no_progress)
+        summary = run_job(spec, world, overwrite=args.overwrite, resume=args.resume,
+                          progress=not args.no_progress)
     except SpmdinferError as exc:
         if world.rank == 0:
             _error(exc)
@@ -118,8 +124,8 @@ def _run(spec, args) -> int:
             world.Abort(1)
         return 1
     if world.rank == 0:
-        print(summary, flush=True)
-    return 0
+        print(summary, file=sys.stderr if summary.outcome == "stopped" else sys.stdout, flush=True)
+    return EXIT_STOPPED if summary.outcome == "stopped" else 0
 
 
 def _error(exc: SpmdinferError) -> None:

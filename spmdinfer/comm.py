@@ -32,6 +32,7 @@ MAX_NDIM = 16         # dims per array
 SEND_WINDOW = 2       # packets a rank may have in flight to others before it waits
 NOTICE_BYTES = 4096
 NOTICE_TAG = 7
+STOP_CODE = 75        # a notice with this code asks for a clean stop, not a failure
 PACKET_TAG = 11
 
 # Packet kinds.
@@ -39,33 +40,49 @@ GO, DONE = 0, 1
 
 
 class Peers:
-    """Failure notices: any rank can tell every other rank that the job has failed."""
+    """Notices between all ranks of the job: "this rank failed" (every rank stops now) and
+    "stop requested" (every replica stops at its next batch boundary)."""
 
     def __init__(self, world):
         from mpi4py import MPI
 
+        self._mpi = MPI
         self.comm = world.Dup()
         self._buffer = bytearray(NOTICE_BYTES)
-        self._request = self.comm.Irecv(self._buffer, source=MPI.ANY_SOURCE, tag=NOTICE_TAG)
-        self._sent = []
+        self._request = self._post()
+        self._sent: list = []
+        self.signalled = False   # set by this process's signal handler (no MPI inside handlers)
+        self.stopping = False    # a stop was requested here or by a peer
+
+    def _post(self):
+        return self.comm.Irecv(self._buffer, source=self._mpi.ANY_SOURCE, tag=NOTICE_TAG)
 
     def check(self) -> None:
-        """Raise PeerFailed if some rank has sent a failure notice."""
-        if self._request.Test():
+        """Raise PeerFailed if some rank has sent a failure notice; note stop requests."""
+        if self.signalled and not self.stopping:
+            self.stopping = True
+            self._send(f"{STOP_CODE} stop requested", wait=False)
+        while self._request.Test():
             code, _, text = bytes(self._buffer).rstrip(b"\0").decode("utf-8", "replace").partition(" ")
-            raise PeerFailed(text, int(code))
+            if int(code) != STOP_CODE:
+                raise PeerFailed(text, int(code))
+            self.stopping = True
+            self._buffer[:] = bytes(NOTICE_BYTES)
+            self._request = self._post()
 
     def notify(self, message: str, code: int) -> None:
         """Tell every other rank that this one failed (small messages: they leave at once)."""
-        payload = bytearray(NOTICE_BYTES)
-        data = f"{code} {message}".encode("utf-8")[:NOTICE_BYTES]
-        payload[:len(data)] = data
-        self._sent = [self.comm.Isend(payload, dest=rank, tag=NOTICE_TAG)
-                      for rank in range(self.comm.size) if rank != self.comm.rank]
-        deadline = time.monotonic() + 5.0
-        from mpi4py import MPI
+        self._send(f"{code} {message}", wait=True)
 
-        while self._sent and not MPI.Request.Testall(self._sent) and time.monotonic() < deadline:
+    def _send(self, text: str, wait: bool) -> None:
+        payload = bytearray(NOTICE_BYTES)
+        data = text.encode("utf-8")[:NOTICE_BYTES]
+        payload[:len(data)] = data
+        self._sent += [(self.comm.Isend(payload, dest=rank, tag=NOTICE_TAG), payload)
+                       for rank in range(self.comm.size) if rank != self.comm.rank]
+        deadline = time.monotonic() + 5.0
+        while wait and time.monotonic() < deadline and \
+                not self._mpi.Request.Testall([r for r, _ in self._sent]):
             time.sleep(MIN_DELAY)
 
     def close(self) -> None:

@@ -4,6 +4,8 @@ output file written under a temporary name and renamed only when complete."""
 from __future__ import annotations
 
 import os
+import posixpath
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -17,6 +19,14 @@ INPUT_CHUNK_CACHE = 64 * 1024 * 1024   # bytes of HDF5 chunk cache per input dat
 MAX_CHUNK_BYTES = 4 * 1024 * 1024      # output chunks: one batch of rows, capped at this size
 PARTIAL_SUFFIX = ".partial"
 
+NUMERIC_KINDS = "biufc"                # bool, int, uint, float, complex
+MAX_SOFT_LINKS = 16                    # HDF5's own limit on soft links followed in one path
+ABSURD_BYTES = 2 ** 40                 # a dataset declaring more than this ...
+ABSURD_RATIO = 10_000                  # ... and more than this many times its file's size is refused
+BATCH_MEMORY_SHARE = 2                 # a node's input batches may use 1/this of the available memory
+# Launchers that export how many ranks share this node, in the order they are trusted.
+LOCAL_SIZE_VARIABLES = ("OMPI_COMM_WORLD_LOCAL_SIZE", "MPI_LOCALNRANKS", "SLURM_NTASKS_PER_NODE")
+
 
 @dataclass(frozen=True)
 class InputField:
@@ -27,6 +37,10 @@ class InputField:
     dtype: str
     row_shape: tuple[int, ...]
 
+    @property
+    def row_bytes(self) -> int:
+        return int(np.prod(self.row_shape, dtype=object)) * np.dtype(self.dtype).itemsize
+
     def buffer(self, rows: int) -> np.ndarray:
         return np.empty((rows,) + self.row_shape, dtype=np.dtype(self.dtype))
 
@@ -35,9 +49,19 @@ class InputField:
 
 
 class InputReader:
-    """The job's input file, opened on rank 0, with every dataset checked before use."""
+    """The job's input file, opened on rank 0, with every dataset checked before use.
 
-    def __init__(self, spec: InputSpec):
+    Refused, each with a one-line DataError: a file that is not HDF5; a path that
+    crosses an external link (soft links inside the file are followed and checked);
+    virtual datasets and datasets with external raw storage (their bytes live in
+    other files); scalar or null datasets; non-numeric dtypes (strings, variable-length,
+    references, compound, enum, opaque, array); filters this HDF5 cannot decode;
+    absurd declared sizes (see `check_declared_size`); and a batch too big for the
+    node's memory (see `check_batch_memory`). Values are never looked at: NaN and Inf
+    pass through, and a dataset with 0 rows is fine.
+    """
+
+    def __init__(self, spec: InputSpec, ranks_on_node: int | None = None):
         import h5py
 
         self.file_path = spec.file
@@ -57,6 +81,8 @@ class InputReader:
                 raise DataError(f"[input.datasets] in {spec.file} must all have the same number of "
                                 f"rows (axis 0): {shown}")
             self.rows = next(iter(counts.values()))
+            check_batch_memory(self.fields, self.rows, spec.batch_size,
+                               ranks_on_node or launcher_ranks_on_node())
         except BaseException:
             self._file.close()
             raise
@@ -65,15 +91,24 @@ class InputReader:
         import h5py
 
         where = f"[input.datasets] {name}: dataset {path} in {self.file_path}"
-        obj = self._file.get(path)
+        check_links(self._file, path, where)
+        try:
+            obj = self._file.get(path)
+        except (RuntimeError, OSError, KeyError, ValueError) as exc:
+            raise DataError(f"{where}: cannot be opened ({exc})") from None
         if obj is None:
             raise DataError(f"{where}: no such dataset")
         if not isinstance(obj, h5py.Dataset):
             raise DataError(f"{where}: is a {type(obj).__name__.lower()}, expected a dataset")
+        check_storage(obj, where)
+        if obj.shape is None:
+            raise DataError(f"{where}: has a null dataspace (no elements), expected rows along axis 0")
         if obj.ndim == 0:
             raise DataError(f"{where}: is a scalar, expected rows along axis 0")
-        if obj.dtype.kind not in "biufc":
-            raise DataError(f"{where}: has dtype {obj.dtype}, expected a numeric dtype")
+        if obj.dtype.kind not in NUMERIC_KINDS or h5py.check_enum_dtype(obj.dtype) is not None:
+            raise DataError(f"{where}: has dtype {dtype_name(obj.dtype)}, expected a numeric dtype "
+                            f"(bool, int, uint, float or complex)")
+        check_declared_size(obj, where, self.file_path.stat().st_size)
         return obj
 
     def read(self, start: int, stop: int, buffers: Sequence[np.ndarray]) -> None:
@@ -86,16 +121,232 @@ class InputReader:
         self._file.close()
 
 
+def check_links(file, path: str, where: str, depth: int = 0) -> None:
+    """Refuse a dataset path that crosses an external link anywhere along it.
+
+    Each group on the path is looked at as a link before it is entered, so HDF5 never
+    opens another file; soft links are followed (inside this file) and their targets
+    checked the same way. A missing component is left to the caller ("no such dataset").
+    """
+    import h5py
+
+    if depth > MAX_SOFT_LINKS:
+        raise DataError(f"{where}: more than {MAX_SOFT_LINKS} soft links on the path (a loop?)")
+    current = "/"
+    for part in (p for p in path.split("/") if p):
+        here = posixpath.join(current, part)
+        try:
+            link = file.get(here, getlink=True)
+        except (RuntimeError, OSError, KeyError, ValueError, TypeError) as exc:
+            raise DataError(f"{where}: cannot resolve {here} ({exc})") from None
+        if link is None:
+            return
+        if isinstance(link, h5py.ExternalLink):
+            raise DataError(f"{where}: {here} is an external link to {link.path} in "
+                            f"{link.filename}, expected data stored in the input file")
+        if isinstance(link, h5py.SoftLink):
+            check_links(file, posixpath.normpath(posixpath.join(current, link.path)), where,
+                        depth + 1)
+        elif not isinstance(link, h5py.HardLink):
+            raise DataError(f"{where}: {here} is a {type(link).__name__}, expected a dataset "
+                            f"stored in the input file")
+        current = here
+
+
+def check_storage(dataset, where: str) -> None:
+    """Refuse datasets whose bytes live outside the file, or that this HDF5 cannot decode."""
+    import h5py
+
+    if dataset.is_virtual:
+        sources = sorted({s.file_name for s in dataset.virtual_sources()})
+        raise DataError(f"{where}: is a virtual dataset (mapped from {', '.join(sources)}), "
+                        f"expected data stored in the input file")
+    if dataset.external is not None:
+        files = sorted({str(name) for name, _, _ in dataset.external})
+        raise DataError(f"{where}: keeps its data in external raw file(s) {', '.join(files)}, "
+                        f"expected data stored in the input file")
+    plist = dataset.id.get_create_plist()
+    for index in range(plist.get_nfilters()):
+        code, _, _, name = plist.get_filter(index)
+        if not h5py.h5z.filter_avail(code):
+            label = name.decode(errors="replace") or "unnamed"
+            raise DataError(f"{where}: is compressed with HDF5 filter {code} ({label}), which this "
+                            f"HDF5 cannot decode; install its plugin (HDF5_PLUGIN_PATH) or rewrite "
+                            f"the dataset")
+
+
+def check_declared_size(dataset, where: str, file_bytes: int) -> None:
+    """Refuse a dataset whose declared size is absurd next to what the file stores.
+
+    Declared bytes are rows × max(row bytes, 1) (each row costs at least a byte to
+    loop over, so 2**50 rows of width 0 count too). The dataset is refused when they
+    exceed both 2**40 bytes (1 TiB) and 10,000 × the input file's size on disk. No
+    sane dataset trips this: anything under 1 TiB passes whatever is stored, however
+    partially written; above that, the file must hold at least 1/10,000 of it, which
+    real compressed data always does (compressors do not reach 10,000:1 on real data;
+    only never-written or fill-value chunks do, and those hold nothing to score).
+    """
+    rows = dataset.shape[0]
+    row_bytes = int(np.prod(dataset.shape[1:], dtype=object)) * dataset.dtype.itemsize
+    declared = rows * max(row_bytes, 1)
+    if declared > ABSURD_BYTES and declared > ABSURD_RATIO * file_bytes:
+        raise DataError(f"{where}: declares shape {dataset.shape} {dataset.dtype} = "
+                        f"{_bytes(declared)} but the file holds only {_bytes(file_bytes)}; "
+                        f"expected at most {_bytes(ABSURD_BYTES)} or {ABSURD_RATIO:,} × the "
+                        f"file's size")
+
+
+def check_batch_memory(fields: Sequence[InputField], rows: int, batch_size: int,
+                       ranks_on_node: int, available: int | None = None) -> None:
+    """Refuse a batch whose buffers would not fit in memory, before any is allocated.
+
+    Every rank holds one batch buffer per input dataset, of min(batch_size, rows) rows
+    (at least 1), and every rank on the node does so; together they may use at most
+    half of the memory available (`available_memory`), leaving the rest for the model,
+    its outputs and the combine. Skipped when the available memory cannot be read.
+    """
+    available = available_memory() if available is None else available
+    if available is None:
+        return
+    row_bytes = sum(f.row_bytes for f in fields)
+    batch_rows = max(1, min(batch_size, rows))
+    needed = batch_rows * row_bytes * ranks_on_node
+    budget = available // BATCH_MEMORY_SHARE
+    if needed <= budget:
+        return
+    per_rank = _bytes(batch_rows * row_bytes)
+    needs = (f"{per_rank} on each of {ranks_on_node} ranks on this node = {_bytes(needed)}"
+             if ranks_on_node > 1 else per_rank)
+    fitting = budget // max(1, row_bytes * ranks_on_node)
+    advice = (f"use a smaller batch_size (at most {fitting})" if fitting >= 1 else
+              "even one row does not fit; use fewer ranks per node")
+    raise DataError(f"[input] batch_size = {batch_size}: a batch of {batch_rows} rows needs "
+                    f"{needs}, more than half of the {_bytes(available)} of memory available; "
+                    f"{advice}")
+
+
+def available_memory() -> int | None:
+    """Bytes of memory available to this process: MemAvailable (else free pages), capped
+    by the memory limit of its cgroup where one is set; None when unknown."""
+    available = None
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    available = int(line.split()[1]) * 1024
+                    break
+    except (OSError, ValueError, IndexError):
+        pass
+    if available is None:
+        try:
+            available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (OSError, ValueError, AttributeError):
+            return None
+    limit = cgroup_memory_limit()
+    return available if limit is None else min(available, limit)
+
+
+def cgroup_memory_limit() -> int | None:
+    """The memory limit of this process's cgroup (v2 memory.max, v1 limit_in_bytes), or None.
+
+    A Slurm job or a container sees the whole node in /proc/meminfo, but may only use
+    its cgroup's limit.
+    """
+    try:
+        with open("/proc/self/cgroup") as cgroups:
+            lines = [line.rstrip("\n").split(":", 2) for line in cgroups]
+    except OSError:
+        return None
+    candidates = []
+    for _, controllers, path in (parts for parts in lines if len(parts) == 3):
+        relative = path.lstrip("/")
+        if controllers == "":
+            candidates += [Path("/sys/fs/cgroup", relative, "memory.max"),
+                           Path("/sys/fs/cgroup/memory.max")]
+        elif "memory" in controllers.split(","):
+            candidates += [Path("/sys/fs/cgroup/memory", relative, "memory.limit_in_bytes"),
+                           Path("/sys/fs/cgroup/memory/memory.limit_in_bytes")]
+    for candidate in candidates:
+        try:
+            text = candidate.read_text().strip()
+        except OSError:
+            continue
+        return int(text) if text.isdigit() else None  # "max": no limit
+    return None
+
+
+def launcher_ranks_on_node() -> int:
+    """How many ranks the launcher started on this node; 1 when it does not say."""
+    for name in LOCAL_SIZE_VARIABLES:
+        value = os.environ.get(name, "")
+        if value.isdigit() and int(value) > 0:
+            return int(value)
+    return 1
+
+
+def dtype_name(dtype: np.dtype) -> str:
+    """A dtype as HDF5 users know it: "variable-length string (object)", "enum (int8)", ..."""
+    import h5py
+
+    string = h5py.check_string_dtype(dtype)
+    if string is not None:
+        length = "variable-length" if string.length is None else "fixed-length"
+        return f"{length} {string.encoding} string ({dtype})"
+    vlen = h5py.check_vlen_dtype(dtype)
+    if vlen is not None:
+        return f"variable-length sequence of {vlen} ({dtype})"
+    ref = h5py.check_ref_dtype(dtype)
+    if ref is not None:
+        return f"{'region' if ref is h5py.RegionReference else 'object'} reference ({dtype})"
+    if h5py.check_enum_dtype(dtype) is not None:
+        return f"enum ({dtype})"
+    if h5py.check_opaque_dtype(dtype):
+        return f"opaque ({dtype})"
+    if dtype.names:
+        return f"compound ({', '.join(dtype.names)})"
+    if dtype.subdtype is not None:
+        base, shape = dtype.subdtype
+        return f"array of {base} {shape}"
+    return str(dtype)
+
+
+def _bytes(count: int) -> str:
+    """A byte count a person can read: "1.5 GiB", "312 bytes"."""
+    for unit, size in (("EiB", 2 ** 60), ("PiB", 2 ** 50), ("TiB", 2 ** 40), ("GiB", 2 ** 30),
+                       ("MiB", 2 ** 20), ("KiB", 2 ** 10)):
+        if count >= size:
+            return f"{count / size:.1f} {unit}"
+    return f"{count} bytes"
+
+
 def check_output_path(spec: OutputSpec, overwrite: bool) -> None:
-    """Refuse an output that exists (unless `overwrite`) or that cannot be a file."""
+    """Refuse an output that exists (unless `overwrite`) or that cannot be created.
+
+    Creating is tried, not guessed: a probe file (or folder, when folders must be made)
+    is made and removed in the nearest existing folder, since permission bits say
+    nothing to root and nothing about /proc or read-only mounts.
+    """
     path = spec.file
-    if path.is_dir():
-        raise DataError(f"[output] file {path} is a directory, expected a file path")
-    if path.exists() and not overwrite:
-        raise OutputExistsError(f"[output] file {path} exists; pass --overwrite to replace it")
-    parent = next((p for p in path.parents if p.exists()), None)
-    if parent is None or not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
-        raise DataError(f"[output] file {path}: cannot create it, {parent} is not a writable folder")
+    try:
+        if path.is_dir():
+            raise DataError(f"[output] file {path} is a directory, expected a file path")
+        if path.exists() and not overwrite:
+            raise OutputExistsError(f"[output] file {path} exists; pass --overwrite to replace it")
+        parent = next((p for p in path.parents if p.exists()), None)
+    except OSError as exc:
+        raise DataError(f"[output] file {path}: cannot look at it ({exc.strerror})") from None
+    if parent is None or not parent.is_dir():
+        raise DataError(f"[output] file {path}: cannot create it, {parent} is not a folder")
+    try:
+        if parent == path.parent:
+            handle, probe = tempfile.mkstemp(prefix=".spmdinfer-probe-", dir=parent)
+            os.close(handle)
+            os.unlink(probe)
+        else:
+            os.rmdir(tempfile.mkdtemp(prefix=".spmdinfer-probe-", dir=parent))
+    except OSError as exc:
+        raise DataError(f"[output] file {path}: cannot create it in {parent} "
+                        f"({exc.strerror or exc})") from None
 
 
 class OutputWriter:

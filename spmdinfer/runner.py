@@ -16,7 +16,12 @@ wait checks for notices, so no rank waits forever for a peer that has failed.
 
 from __future__ import annotations
 
+import errno
+import faulthandler
 import hashlib
+import os
+import signal
+import threading
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -29,6 +34,7 @@ from . import __version__, backends
 from .backends import Placement
 from .comm import DONE, GO, Channel, PacketReceiver, Peers
 from .data import InputField, InputReader, OutputWriter
+from .journal import Journal, OutputLock, fingerprint, parts_folder
 from .errors import BackendError, DataError, JobFailed, PeerFailed, SpmdinferError
 from .log import log, setup_logging
 from .program import Program, check_output_count
@@ -38,15 +44,20 @@ from .topology import Layout, RankInfo, discover
 from .validate import open_checked
 
 
+EXIT_STOPPED = 75   # stopped early at a batch boundary; `run --resume` continues (EX_TEMPFAIL)
+
+
 @dataclass(frozen=True)
 class RunSummary:
-    """What a finished run did."""
+    """What a run did."""
 
     rows: int
-    batches: int
+    batches: int            # batches this run predicted
     seconds: float          # the whole run, start-up and model loading included
     load_seconds: float     # start-up: checks and model loading, until the first batch
     output: Path
+    outcome: str = "complete"   # complete | stopped (resumable) | already complete
+    remaining: int = 0          # batches still to do when stopped
 
     @property
     def rows_per_second(self) -> float:
@@ -55,17 +66,24 @@ class RunSummary:
         return self.rows / loop if loop > 0 else 0.0
 
     def __str__(self) -> str:
+        if self.outcome == "already complete":
+            return f"spmdinfer: {self.output} is already complete; nothing to do"
+        if self.outcome == "stopped":
+            return (f"spmdinfer: stopped early after {self.batches} batches this run, "
+                    f"{self.remaining} to go; continue with: spmdinfer run JOB --resume "
+                    f"(exit code {EXIT_STOPPED})")
         return (f"spmdinfer: {self.rows} rows, {self.batches} batches, {self.seconds:.2f} s "
                 f"(load {self.load_seconds:.2f} s), {self.rows_per_second:.1f} rows/s "
                 f"-> {self.output}")
 
 
-def run_job(spec: JobSpec, comm=None, *, overwrite: bool = False,
+def run_job(spec: JobSpec, comm=None, *, overwrite: bool = False, resume: bool = False,
             progress: bool = True) -> RunSummary:
     """Run `spec` on the ranks of `comm` (COMM_WORLD when None); every rank calls this.
 
-    Returns the summary on every rank. Raises SpmdinferError (JobFailed, with the
-    failing rank's message, on the others) on every rank when any rank fails.
+    Returns the summary on every rank (outcome "stopped" after SIGTERM or SIGUSR1).
+    Raises SpmdinferError (JobFailed, with the failing rank's message, on the others)
+    on every rank when any rank fails.
     """
     if comm is None:
         from mpi4py import MPI
@@ -73,11 +91,32 @@ def run_job(spec: JobSpec, comm=None, *, overwrite: bool = False,
         comm = MPI.COMM_WORLD
     peers = Peers(comm)
     world = Channel(comm, peers)
+    previous = _catch_stop_signals(peers)
     try:
-        return _Run(spec, world, overwrite, progress).run()
+        return _Run(spec, world, overwrite, resume, progress).run()
     finally:
+        _restore_signals(previous)
         world.close()
         peers.close()
+
+
+def _catch_stop_signals(peers: Peers) -> dict:
+    """SIGTERM and SIGUSR1 (sbatch --signal): finish the batch in flight, commit, stop.
+    A second one exits at once; committed batches are safe on disk either way."""
+    def handler(signum, frame):
+        if peers.signalled:
+            os._exit(EXIT_STOPPED)
+        peers.signalled = True
+        log.warning("received %s: stopping after the batches in flight", signal.Signals(signum).name)
+
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    return {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGUSR1)}
+
+
+def _restore_signals(previous: dict) -> None:
+    for sig, handler in previous.items():
+        signal.signal(sig, handler)
 
 
 def _failure(exc: BaseException, info: RankInfo | None) -> tuple[BaseException, int]:
@@ -89,48 +128,63 @@ def _failure(exc: BaseException, info: RankInfo | None) -> tuple[BaseException, 
 
 
 class _Run:
-    def __init__(self, spec: JobSpec, world: Channel, overwrite: bool, progress: bool):
+    def __init__(self, spec: JobSpec, world: Channel, overwrite: bool, resume: bool,
+                 progress: bool):
         self.spec = spec
         self.world = world
         self.overwrite = overwrite
+        self.resume = resume
         self.show_progress = progress
         self.reader: InputReader | None = None
-        self.writer: OutputWriter | None = None
         self.collector: _Collector | None = None
+        self.journal: Journal | None = None
+        self.lock: OutputLock | None = None
+        self.made_dirs: list[Path] = []
+        self.counted: list[int] = []   # batches whose attempt this run counted
 
     def run(self) -> RunSummary:
         started = time.monotonic()
-        start_time = _now()
         info = discover(self.world.comm, self.spec)
         self.info, self.layout = info, info.layout
         setup_logging(info.rank)
         log.info("%s", info)
         try:
-            fields, rows = self._preflight()
+            fields, rows, done = self._preflight()
+            if done:
+                self._release()
+                return RunSummary(rows, 0, time.monotonic() - started, 0.0, self.spec.output.file,
+                                  outcome="already complete")
             program, identities = self._load(fields)
-            loaded = time.monotonic()
             starts = list(range(0, rows, self.spec.input.batch_size)) or [0]
-            collector = self._start_output(starts, rows)
-            self._loop(program, fields, starts, rows)
-            if collector is not None:
-                collector.drain()
+            pending = self._schedule(identities, rows, starts)
+            loaded = time.monotonic()
+            self._start_collector(rows)
+            self.watchdog = Watchdog(self.spec.run.batch_timeout)
+            batches = self._loop(program, fields, pending, rows)
+            if self.collector is not None:
+                self.collector.drain()
             self.world.flush()
-            attrs = self._provenance(identities, rows, len(starts), start_time)
-            self._finish(attrs)
+            self.watchdog.stop()
+            outcome, remaining = self._finish(identities, rows, starts)
         except BaseException as exc:
             raise self._fail(exc) from None
         finally:
             if self.reader is not None:
                 self.reader.close()
-        return RunSummary(rows, len(starts), time.monotonic() - started, loaded - started,
-                          self.spec.output.file)
+            self._release()
+        return RunSummary(rows, batches, time.monotonic() - started, loaded - started,
+                          self.spec.output.file, outcome=outcome, remaining=remaining)
 
     def _fail(self, exc: BaseException) -> BaseException:
-        """Drop the unfinished output, tell the other ranks (unless they told us), and
-        return what this rank raises."""
-        if self.writer is not None:
-            self.writer.discard()
-            self.writer = None
+        """Tell the other ranks (unless they told us) and return what this rank raises.
+
+        Committed batches stay in FILE.parts for --resume; a run that failed before its
+        first batch leaves nothing behind.
+        """
+        if getattr(self, "watchdog", None) is not None:
+            self.watchdog.stop()
+        if self.journal is not None and not self.journal.committed() and not self.resume:
+            self.journal.remove()
         if isinstance(exc, PeerFailed) or not isinstance(exc, Exception):
             return exc
         error, code = _failure(exc, self.info)
@@ -139,19 +193,42 @@ class _Run:
         self.world.abandon()
         return JobFailed(f"{where}{error}", code)
 
+    def _release(self) -> None:
+        """Rank 0: give up the output lock and remove folders this run made and left empty."""
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
+        for folder in reversed(self.made_dirs):
+            try:
+                folder.rmdir()
+            except OSError:
+                break
+        self.made_dirs = []
+
     # Start-up.
 
-    def _preflight(self) -> tuple[list[InputField], int]:
-        """Rank 0 checks every file and dataset before any rank loads a model."""
+    def _preflight(self) -> tuple[list[InputField], int, bool]:
+        """Rank 0 checks every file and dataset and takes the output's lock before any rank
+        loads a model; with --resume, a complete output means there is nothing to do."""
         error = plan = None
         if self.world.is_root:
             try:
-                self.reader = open_checked(self.spec, self.overwrite)
-                plan = (self.reader.fields, self.reader.rows)
+                output = self.spec.output.file
+                done = self.resume and output.is_file() and not parts_folder(output).exists()
+                self.reader = open_checked(self.spec, self.overwrite or done)
+                plan = (self.reader.fields, self.reader.rows, done)
+                self._lock()
             except SpmdinferError as exc:
                 error = exc
         self.world.agree(error)
         return self.world.bcast_object(plan)
+
+    def _lock(self) -> None:
+        output = self.spec.output.file
+        self.made_dirs = [p for p in reversed(output.parents) if not p.exists()]
+        output.parent.mkdir(parents=True, exist_ok=True)
+        self.lock = OutputLock(output)
+        self.lock.acquire()
 
     def _load(self, fields: list[InputField]) -> tuple[Program, list]:
         """Every rank loads its graphs and binds them to what its stage receives."""
@@ -189,19 +266,46 @@ class _Run:
             self.reader = InputReader(self.spec.input)  # every replica leader reads its own batches
         return program, identities
 
-    def _start_output(self, starts: list[int], rows: int) -> _Collector | None:
-        if not self.world.is_root:
-            return None
-        self.writer = OutputWriter(self.spec.output, rows, self.spec.input.batch_size)
-        self.collector = _Collector(self.world, self.writer, self.layout, starts,
-                                    Progress(rows, self.show_progress))
-        self.world.idle = self.collector.poll
-        return self.collector
+    def _schedule(self, identities: list, rows: int, starts: list[int]) -> list[int]:
+        """Rank 0 opens the journal (checking a resumed run's identity); every rank learns
+        which batches are still to do."""
+        error = pending = None
+        if self.world.is_root:
+            try:
+                self.journal = Journal.open(self.spec.output.file, self._identity(identities),
+                                            self.resume, self.overwrite, self.spec.run.fsync)
+                committed = self.journal.committed()
+                pending = [s for s in starts if s not in committed]
+                self.counted = pending[:self.layout.replicas]
+                self.journal.count_attempts(self.counted, self.spec.run.max_attempts,
+                                            self.spec.input.batch_size, rows)
+                if committed:
+                    log.warning("resuming: %d of %d batches already committed",
+                                len(starts) - len(pending), len(starts))
+            except SpmdinferError as exc:
+                error = exc
+        self.world.agree(error)
+        return self.world.bcast_object(pending)
+
+    def _identity(self, identities: list) -> dict:
+        """What produced the committed batches: resuming with anything else is refused."""
+        return {
+            "job": hashlib.sha256(self.spec.text.encode()).hexdigest(),
+            "slices": [h for i in identities[:self.spec.model.ranks] for h in i[1]],
+            "input": fingerprint(self.spec.input.file),
+        }
+
+    def _start_collector(self, rows: int) -> None:
+        if self.world.is_root:
+            self.collector = _Collector(self.world, self.journal, self.lock, self.layout,
+                                        Progress(rows, self.show_progress), self.spec.input.batch_size)
+            self.world.idle = self.collector.poll
 
     # The loop.
 
     def _loop(self, program: Program, fields: list[InputField], starts: list[int],
-              rows: int) -> None:
+              rows: int) -> int:
+        """This rank's share of the batches in `starts`; returns how many it predicted."""
         layout, model = self.layout, self.spec.model
         group = self.world.split(layout.replica * layout.stages + layout.stage)
         last = layout.stage == layout.stages - 1
@@ -210,8 +314,10 @@ class _Run:
         buffers = [f.buffer(max(1, min(self.spec.input.batch_size, rows))) for f in fields]
         for buffer in buffers:
             buffer[:1] = 0  # a job with no rows predicts one zero row, to learn the output shapes
+        predicted = 0
         try:
             while True:
+                self.watchdog.kick()
                 if self.collector is not None:
                     self.collector.poll()  # other replicas' finished batches, between own batches
                 packet = (DONE, 0, 0, [])
@@ -220,7 +326,10 @@ class _Run:
                 kind, start, valid, arrays = group.bcast_packet(*packet)
                 if kind == DONE:
                     self._pass_on(group, DONE, 0, 0, [])
-                    return
+                    if group.is_root and last and self.collector is None:
+                        self.world.send_packet(0, DONE, 0, 0, [])  # this replica is finished
+                    return predicted
+                predicted += 1
                 if model.handoff == "graph" and layout.stage == 0:
                     self._pass_on(group, GO, start, valid, [])  # later stages run along
                 try:
@@ -251,7 +360,8 @@ class _Run:
             return self.world.recv_packet(layout.leader(layout.replica, layout.stage - 1)
                                           if self.spec.model.handoff == "host" else
                                           layout.leader(layout.replica, 0))
-        start = next(my_starts, None)
+        self.world.peers.check()
+        start = None if self.world.peers.stopping else next(my_starts, None)
         if start is None:
             return DONE, 0, 0, []
         stop = min(start + self.spec.input.batch_size, rows)
@@ -289,11 +399,47 @@ class _Run:
 
     # The end.
 
-    def _provenance(self, identities, rows: int, batches: int, start_time: str) -> dict | None:
-        if not self.world.is_root:
-            return None
+    def _finish(self, identities: list, rows: int, starts: list[int]) -> tuple[str, int]:
+        """Rank 0 assembles the output once every batch is committed; every rank learns the
+        outcome: ("complete", 0) or ("stopped", batches still to do)."""
+        error = result = None
+        if self.world.is_root:
+            try:
+                remaining = len(set(starts) - self.journal.committed())
+                if remaining:
+                    self.journal.forget_attempts(self.counted)
+                    result = ("stopped", remaining)
+                else:
+                    self._assemble(identities, rows, len(starts))
+                    result = ("complete", 0)
+            except Exception as exc:
+                error = _failure(exc, self.info)[0]
+        self.world.agree(error)
+        return self.world.bcast_object(result)
+
+    def _assemble(self, identities: list, rows: int, batches: int) -> None:
+        """Rank 0: the output file from the committed batches, renamed into place complete."""
+        watchdog = Watchdog(self.spec.run.batch_timeout)
+        writer = OutputWriter(self.spec.output, rows, self.spec.input.batch_size)
+        try:
+            for start in sorted(self.journal.committed()):
+                watchdog.kick()
+                writer.write(start, self.journal.load(start))
+            writer.finish(self._provenance(identities, rows, batches))
+        except OSError as exc:
+            writer.discard()
+            raise DataError(f"[output] file {self.spec.output.file}: cannot write it ({exc}); "
+                            f"every batch is committed in {self.journal.folder}, so "
+                            "`spmdinfer run JOB --resume` will assemble it again") from None
+        finally:
+            watchdog.stop()
+        self.journal.remove()
+
+    def _provenance(self, identities, rows: int, batches: int) -> dict:
+        manifest = self.journal.manifest
         return {
             "spmdinfer_version": __version__,
+            "complete": True,
             "job_file": str(self.spec.path),
             "job_text": self.spec.text,
             "input_file": str(self.spec.input.file),
@@ -306,78 +452,86 @@ class _Run:
             "stages": self.layout.stages,
             "rows": rows,
             "batches": batches,
-            "start_time": start_time,
+            "runs": manifest["runs"],
+            "start_time": manifest["start_time"],
             "end_time": _now(),
         }
 
-    def _finish(self, attrs: dict | None) -> None:
-        """Rank 0 moves the output into place; every rank learns whether that worked."""
-        error = None
-        if self.world.is_root:
-            try:
-                self.writer.finish(attrs)
-                self.writer = None
-            except Exception as exc:
-                error = DataError(f"[output] file {self.spec.output.file}: cannot finish: {exc}")
-        self.world.agree(error)
-
 
 class _Collector:
-    """Rank 0's side of the output: receives finished batches from the last stages of every
-    replica, in whatever order they finish, and writes each at its rows."""
+    """Rank 0's side of the output: takes finished batches from the last stages of every
+    replica (its own included), in whatever order they finish, and commits each to the
+    journal; a replica's DONE says it has no more."""
 
-    def __init__(self, world: Channel, writer: OutputWriter, layout: Layout, starts: list[int],
-                 progress: Progress):
+    def __init__(self, world: Channel, journal: Journal, lock: OutputLock, layout: Layout,
+                 progress: Progress, batch_size: int):
         self.world = world
-        self.writer = writer
+        self.journal = journal
+        self.lock = lock
         self.progress = progress
-        self.pending = len(starts)
-        self._queues = {}   # source rank -> its batches' starts still to come, in order
-        for replica in range(layout.replicas):
-            source = layout.leader(replica, layout.stages - 1)
-            if source != 0:
-                self._queues[source] = list(starts[replica::layout.replicas])
-        self._receivers = {s: PacketReceiver(world, s) for s, q in self._queues.items() if q}
+        self.batch_size = batch_size
+        sources = {layout.leader(replica, layout.stages - 1) for replica in range(layout.replicas)}
+        self._receivers = {s: PacketReceiver(world, s) for s in sorted(sources - {0})}
         self._busy = False
 
     def write(self, start: int, arrays: Sequence[np.ndarray]) -> None:
+        """Commit one finished batch."""
         try:
-            self.writer.write(start, arrays)
-        except Exception as exc:
-            raise DataError(f"writing {self.writer.temp_path}: {exc}") from None
+            self.journal.commit(start, arrays)
+        except OSError as exc:
+            full = "disk full" if exc.errno == errno.ENOSPC else "cannot write"
+            raise DataError(f"{full} while committing rows {start}..{start + self.batch_size - 1} "
+                            f"to {self.journal.folder} ({exc.strerror}); the batches committed so far "
+                            "are intact: make room and run again with --resume") from None
         self.progress.update(len(arrays[0]) if arrays else 0)
-        self.pending -= 1
+        self.lock.refresh()
 
     def poll(self) -> None:
-        """Write whatever has arrived; never blocks."""
+        """Commit whatever has arrived; never blocks."""
         if self._busy:
             return
-        self._busy = True  # writing may wait on nothing, but keep poll from nesting
+        self._busy = True  # waits inside a commit must not poll again
         try:
             for source, receiver in list(self._receivers.items()):
                 packet = receiver.poll()
                 if packet is None:
                     continue
-                _, start, _, arrays = packet
-                expected = self._queues[source].pop(0)
-                assert start == expected, (start, expected)
-                self.write(start, arrays)
-                if self._queues[source]:
-                    self._receivers[source] = PacketReceiver(self.world, source)
-                else:
+                kind, start, _, arrays = packet
+                if kind == DONE:
                     del self._receivers[source]
+                    continue
+                self.write(start, arrays)
+                self._receivers[source] = PacketReceiver(self.world, source)
         finally:
             self._busy = False
 
     def drain(self) -> None:
-        """Wait, politely, until every batch is written."""
+        """Wait, politely, until every replica has said it is done."""
         try:
-            while self.pending:
+            while self._receivers:
                 self.poll()
-                if self.pending:
+                if self._receivers:
                     self.world.wait(next(iter(self._receivers.values())).request)
         finally:
             self.progress.close()
+
+
+class Watchdog:
+    """Ends a rank that makes no progress for `seconds`: every thread's stack goes to stderr,
+    then the process exits, and the MPI launcher ends the others (whose own watchdogs fire too
+    if they were waiting on it). faulthandler's timer thread needs no GIL, so a rank stuck
+    inside a framework call is caught as well."""
+
+    def __init__(self, seconds: float):
+        self.seconds = seconds
+        self.kick()
+
+    def kick(self) -> None:
+        if self.seconds > 0:
+            faulthandler.dump_traceback_later(self.seconds, exit=True)
+
+    def stop(self) -> None:
+        faulthandler.cancel_dump_traceback_later()
 
 
 def combine_outputs(group: Channel, outputs: Sequence[np.ndarray], modes: Sequence[Combine],

@@ -125,6 +125,15 @@ class OutputSpec:
 
 
 @dataclass(frozen=True)
+class RunSpec:
+    """How the run guards itself: the per-batch watchdog, retries across requeues, durability."""
+
+    batch_timeout: float = 1800.0   # seconds without progress before the watchdog ends the job; 0 = off
+    max_attempts: int = 3           # runs that may start a batch without committing it
+    fsync: bool = False             # fsync every committed batch (survives power loss, not just kills)
+
+
+@dataclass(frozen=True)
 class JobSpec:
     """A whole job file. `path` is the job file, `text` its exact contents."""
 
@@ -136,6 +145,7 @@ class JobSpec:
     device: DeviceSpec = DeviceSpec()
     backend_options: dict = field(default_factory=dict)
     steps: tuple[Step, ...] = ()   # empty: graph 0 once
+    run: RunSpec = RunSpec()
 
     @property
     def input_names(self) -> list[str]:
@@ -169,7 +179,7 @@ def parse_spec(text: str, path: Path) -> JobSpec:
         raise SpecError(f"invalid TOML: {exc}") from None
     base = path.resolve().parent
     tables = {"model": ModelSpec, "device": DeviceSpec, "input": InputSpec, "output": OutputSpec,
-              "backend": None, "steps": None}
+              "backend": None, "steps": None, "run": RunSpec}
     _check_keys(doc, tables, "the top level", what="table")
     for name in ("model", "input", "output"):
         if name not in doc:
@@ -184,8 +194,10 @@ def parse_spec(text: str, path: Path) -> JobSpec:
     output = _parse_output(doc["output"], base)
     backend_options = _parse_backend_options(doc.get("backend", {}))
     steps = _parse_steps(doc["steps"], len(model.files)) if "steps" in doc else ()
+    run = _parse_run(doc.get("run", {}))
     return JobSpec(path=path.resolve(), text=text, model=model, device=device,
-                   input=input_spec, output=output, backend_options=backend_options, steps=steps)
+                   input=input_spec, output=output, backend_options=backend_options, steps=steps,
+                   run=run)
 
 
 def _parse_model(table: dict, base: Path) -> ModelSpec:
@@ -285,6 +297,18 @@ def _parse_output(table: dict, base: Path) -> OutputSpec:
     combine = tuple(Combine.parse(modes.get(name, "rank0"), f"[output.combine] {name}")
                     for name in names)
     return OutputSpec(file=file, datasets=datasets, combine=combine)
+
+
+def _parse_run(table: dict) -> RunSpec:
+    _check_keys(table, _fields(RunSpec), "[run]")
+    timeout = table.get("batch_timeout", RunSpec.batch_timeout)
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout < 0:
+        raise SpecError(f"[run] batch_timeout must be a number of seconds >= 0 (0 = off), got {timeout!r}")
+    max_attempts = _integer(table, "max_attempts", "[run]", RunSpec.max_attempts, minimum=1)
+    fsync = table.get("fsync", RunSpec.fsync)
+    if not isinstance(fsync, bool):
+        raise SpecError(f"[run] fsync must be true or false, got {fsync!r}")
+    return RunSpec(batch_timeout=float(timeout), max_attempts=max_attempts, fsync=fsync)
 
 
 def _parse_backend_options(table: dict) -> dict:

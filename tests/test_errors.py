@@ -144,8 +144,13 @@ def test_exception_in_predict_on_one_rank_ends_every_rank(job_dir):
     export_mindir(FixedBatchOnly(weight, 4), [dynamic(96)], folder / "p" / "p1.mindir")
     doc["model"]["files"] = str(folder / "p" / "p{rank}.mindir")
     started = time.monotonic()
-    result = run_broken(folder, doc)  # 10 rows in batches of 4: rank 1 fails on the last batch
+    result = run_cli("run", write_job(folder, doc), n=2)  # rank 1 fails on the last batch, 8..9
     assert time.monotonic() - started < 60
+    # The two batches before it were committed and stay for --resume; no output file.
+    assert not (folder / "out" / "result.h5").exists()
+    assert sorted(p.name for p in (folder / "out" / "result.h5.parts").glob("batch-*")) == [
+        "batch-000000000000000.npz", "batch-000000000000004.npz"]
+    assert not (folder / "out" / "result.h5.lock").exists()
     assert result.returncode == 1, result.stderr
     line = [ln for ln in result.stderr.splitlines() if ln.startswith("spmdinfer: error:")]
     assert len(line) == 1 and "rank 1" in line[0] and "rows 8..9" in line[0]
