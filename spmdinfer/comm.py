@@ -61,18 +61,18 @@ class Peers:
         """Raise PeerFailed if some rank has sent a failure notice; note stop requests."""
         if self.signalled and not self.stopping:
             self.stopping = True
-            self._send(f"{STOP_CODE} stop requested", wait=False)
+            self._send(f"{STOP_CODE} -1 stop requested", wait=False)
         while self._request.Test():
-            code, _, text = bytes(self._buffer).rstrip(b"\0").decode("utf-8", "replace").partition(" ")
+            code, batch, text = bytes(self._buffer).rstrip(b"\0").decode("utf-8", "replace").split(" ", 2)
             if int(code) != STOP_CODE:
-                raise PeerFailed(text, int(code))
+                raise PeerFailed(text, int(code), None if int(batch) < 0 else int(batch))
             self.stopping = True
             self._buffer[:] = bytes(NOTICE_BYTES)
             self._request = self._post()
 
-    def notify(self, message: str, code: int) -> None:
+    def notify(self, message: str, code: int, batch: int | None = None) -> None:
         """Tell every other rank that this one failed (small messages: they leave at once)."""
-        self._send(f"{code} {message}", wait=True)
+        self._send(f"{code} {-1 if batch is None else batch} {message}", wait=True)
 
     def _send(self, text: str, wait: bool) -> None:
         payload = bytearray(NOTICE_BYTES)

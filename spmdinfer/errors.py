@@ -1,5 +1,7 @@
 """The exception tree: every error a user can act on derives from SpmdinferError."""
 
+from __future__ import annotations
+
 
 class SpmdinferError(Exception):
     """An error in the user's job, files or launch: one line to the user, exit code 2."""
@@ -34,9 +36,10 @@ class JobFailed(SpmdinferError):
     the exit code every rank leaves with.
     """
 
-    def __init__(self, message: str, exit_code: int):
+    def __init__(self, message: str, exit_code: int, batch: int | None = None):
         super().__init__(message)
         self.exit_code = exit_code
+        self.batch = batch  # the first row of the batch that failed, where one did
 
 
 class PeerFailed(JobFailed):

@@ -111,19 +111,21 @@ class Journal:
         with np.load(self.folder / f"batch-{start:015d}.npz", allow_pickle=False) as data:
             return [data[f"arr_{i}"] for i in range(len(data.files))]
 
-    def count_attempts(self, starts: Sequence[int], max_attempts: int, batch_size: int,
-                       rows: int) -> None:
-        """Count one more attempt at each of `starts`; refuse a batch that failed too often."""
+    def count_attempts(self, starts: Sequence[int], max_attempts: int = 0, batch_size: int = 0,
+                       rows: int = 0) -> None:
+        """Count one more attempt at each of `starts`; with `max_attempts`, refuse a batch
+        that has had that many already."""
         attempts = self.manifest["attempts"]
         for start in starts:
-            if attempts.get(str(start), 0) >= max_attempts:
+            if max_attempts and attempts.get(str(start), 0) >= max_attempts:
                 stop = min(start + batch_size, rows)
                 raise DataError(f"batch at rows {start}..{max(stop, start + 1) - 1} was attempted "
                                 f"{attempts[str(start)]} times without being committed "
                                 f"([run] max_attempts = {max_attempts}); giving up. Look at the "
                                 "failures of the earlier runs, or raise max_attempts")
             attempts[str(start)] = attempts.get(str(start), 0) + 1
-        self.manifest["runs"] += 1
+        if max_attempts:
+            self.manifest["runs"] += 1
         self.save_manifest()
 
     def forget_attempts(self, starts: Sequence[int]) -> None:

@@ -183,15 +183,19 @@ class _Run:
         """
         if getattr(self, "watchdog", None) is not None:
             self.watchdog.stop()
-        if self.journal is not None and not self.journal.committed() and not self.resume:
-            self.journal.remove()
+        batch = getattr(exc, "batch", None)
+        if self.journal is not None:
+            if batch is not None and batch not in self.counted:
+                self.journal.count_attempts([batch])  # a failure counts as an attempt
+            if not self.journal.committed() and not self.resume:
+                self.journal.remove()
         if isinstance(exc, PeerFailed) or not isinstance(exc, Exception):
             return exc
         error, code = _failure(exc, self.info)
         where = f"rank {self.info.rank} ({self.info.host}): " if self.layout.size > 1 else ""
-        self.world.peers.notify(f"{where}{error}", code)
+        self.world.peers.notify(f"{where}{error}", code, batch)
         self.world.abandon()
-        return JobFailed(f"{where}{error}", code)
+        return JobFailed(f"{where}{error}", code, batch)
 
     def _release(self) -> None:
         """Rank 0: give up the output lock and remove folders this run made and left empty."""
@@ -337,7 +341,7 @@ class _Run:
                 except Exception as exc:
                     error, code = _failure(exc, self.info)
                     raise JobFailed(f"predict failed on batch rows {start}..{start + max(valid, 1) - 1}"
-                                    f": {error}", code) from None
+                                    f": {error}", code, batch=start) from None
                 if not forwards:
                     continue
                 if model.handoff == "graph" and layout.stage > 0:

@@ -1,0 +1,255 @@
+"""Fault injection with real processes under mpiexec: kills, exceptions, corrupt slices and
+signals, each followed by --resume and a bitwise comparison with an uninterrupted run."""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+from tests.cells import FixedBatchOnly, MatMulNeg
+from tests.conftest import (MPIEXEC, REPO, assert_clean_error, dynamic, export_mindir, matmul_job,
+                            run_cli, write_h5, write_job)
+
+EXIT_STOPPED = 75
+ROWS, BATCH = 3000, 10
+
+
+def start_run(job: Path, n: int, *extra) -> subprocess.Popen:
+    command = [MPIEXEC, "-n", str(n), sys.executable, "-m", "spmdinfer", "run", str(job), *extra]
+    return subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env={**os.environ, "GLOG_v": "3"}, start_new_session=True)
+
+
+def rank_pids(job: Path) -> dict[int, int]:
+    """rank -> pid of the spmdinfer processes running `job` (read from their PMI_RANK)."""
+    pids = {}
+    for proc in Path("/proc").iterdir():
+        try:
+            if not proc.name.isdigit() or str(job) not in (proc / "cmdline").read_text():
+                continue
+            env = dict(item.split("=", 1) for item in (proc / "environ").read_text().split("\0")
+                       if "=" in item)
+        except OSError:
+            continue
+        if "PMI_RANK" in env and "spmdinfer" in (proc / "cmdline").read_text():
+            pids[int(env["PMI_RANK"])] = int(proc.name)
+    return pids
+
+
+def committed(folder: Path) -> int:
+    parts = folder / "out" / "result.h5.parts"
+    return len(list(parts.glob("batch-*.npz"))) if parts.exists() else 0
+
+
+def wait_for(predicate, timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+def datasets(path: Path) -> dict:
+    with h5py.File(path, "r") as f:
+        assert f.attrs["complete"]
+        return {name: f[name][()] for name in f}
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, matmul_slices):
+    """An uninterrupted run of the job every test interrupts, and its job document."""
+    template, _ = matmul_slices
+    folder = tmp_path_factory.mktemp("reference")
+    x = np.random.default_rng(20).standard_normal((ROWS, 96)).astype(np.float32)
+    x[5, 3], x[6, 4] = np.nan, np.inf
+    write_h5(folder / "in.h5", {"x": x})
+    doc = matmul_job(folder, template, ranks=2, batch_size=BATCH)
+    result = run_cli("run", write_job(folder, doc), n=4)  # 2 replicas
+    assert result.returncode == 0, result.stderr
+    return folder, doc, datasets(folder / "out" / "result.h5")
+
+
+def copy_job(reference, tmp_path: Path, **run) -> Path:
+    folder, doc, _ = reference
+    shutil.copy(folder / "in.h5", tmp_path / "in.h5")
+    if run:
+        doc = {**doc, "run": run}
+    return write_job(tmp_path, doc)
+
+
+def resume_and_compare(reference, tmp_path: Path, job: Path) -> None:
+    result = run_cli("run", job, "--resume", n=4)
+    assert result.returncode == 0, result.stderr
+    out = datasets(tmp_path / "out" / "result.h5")
+    assert out.keys() == reference[2].keys()
+    for name, data in reference[2].items():
+        assert np.array_equal(out[name], data, equal_nan=True), name  # bit for bit, NaN included
+    assert not (tmp_path / "out" / "result.h5.parts").exists()
+
+
+KILLS = [(0, 1), (0, 2), (1, 3), (3, 4), (2, 5)]  # (rank, seed)
+
+
+@pytest.mark.parametrize("rank, seed", KILLS)
+def test_kill_9_then_resume_is_bitwise_identical(reference, tmp_path, rank, seed):
+    job = copy_job(reference, tmp_path)
+    run = start_run(job, 4)
+    at = random.Random(seed).randint(3, 150)
+    wait_for(lambda: committed(tmp_path) >= at or run.poll() is not None)
+    assert run.poll() is None, "the run ended before the kill"
+    pids = rank_pids(job)
+    os.kill(pids[rank], signal.SIGKILL)
+    killed = time.monotonic()
+    run.communicate(timeout=60)
+    gone = time.monotonic() - killed
+    assert run.returncode != 0
+    assert gone < 10, f"the other ranks took {gone:.1f} s to go"
+    wait_for(lambda: not any(p for p in rank_pids(job)), timeout=10)
+    assert not (tmp_path / "out" / "result.h5").exists()
+    resume_and_compare(reference, tmp_path, job)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1])
+def test_signal_stops_at_a_batch_boundary_then_resume(reference, tmp_path, signum):
+    job = copy_job(reference, tmp_path)
+    run = start_run(job, 4)
+    wait_for(lambda: committed(tmp_path) >= 20)
+    run.send_signal(signum)  # to mpiexec, which forwards it to every rank
+    _, stderr = run.communicate(timeout=60)
+    assert run.returncode == EXIT_STOPPED, stderr
+    assert "stopped early" in stderr and "--resume" in stderr
+    assert not (tmp_path / "out" / "result.h5").exists()
+    assert 20 <= committed(tmp_path) < ROWS // BATCH
+    resume_and_compare(reference, tmp_path, job)
+
+
+def test_second_signal_exits_at_once_and_keeps_committed_work(reference, tmp_path):
+    job = copy_job(reference, tmp_path)
+    run = start_run(job, 4)
+    wait_for(lambda: committed(tmp_path) >= 10)
+    run.send_signal(signal.SIGTERM)
+    run.send_signal(signal.SIGTERM)
+    run.communicate(timeout=60)
+    assert run.returncode != 0
+    resume_and_compare(reference, tmp_path, job)
+
+
+def test_without_resume_a_partial_run_is_never_touched(reference, tmp_path):
+    job = copy_job(reference, tmp_path)
+    run = start_run(job, 4)
+    wait_for(lambda: committed(tmp_path) >= 5)
+    run.send_signal(signal.SIGUSR1)
+    run.communicate(timeout=60)
+    before = {p.name: p.read_bytes() for p in (tmp_path / "out" / "result.h5.parts").iterdir()}
+    result = run_cli("run", job, n=4)
+    assert_clean_error(result, "a partial run left", "--resume", "--overwrite")
+    after = {p.name: p.read_bytes() for p in (tmp_path / "out" / "result.h5.parts").iterdir()}
+    assert before == after
+
+
+@pytest.mark.parametrize("change, needle", [
+    ("job", "the job file changed"),
+    ("input", "the input file changed"),
+    ("slices", "the model slices changed"),
+])
+def test_resume_refuses_a_changed_job_input_or_slice(reference, tmp_path, change, needle):
+    folder, doc, _ = reference
+    job = copy_job(reference, tmp_path)
+    run = start_run(job, 4)
+    wait_for(lambda: committed(tmp_path) >= 5)
+    run.send_signal(signal.SIGUSR1)
+    run.communicate(timeout=60)
+    if change == "job":
+        job = write_job(tmp_path, {**doc, "run": {"max_attempts": 5}})
+    elif change == "input":
+        with h5py.File(tmp_path / "in.h5", "r+") as f:
+            f["x"][7] = 1.0
+    else:
+        slices = tmp_path / "slices"
+        for rank in range(2):
+            export_mindir(MatMulNeg(np.ones((96, 2), np.float32)), [dynamic(96)],
+                          slices / f"s{rank}.mindir")
+        job = write_job(tmp_path, {**doc, "model": {**doc["model"],
+                                                    "files": str(slices / "s{rank}.mindir")}})
+        # The job text changed too; the message lists both.
+    result = run_cli("run", job, "--resume", n=4)
+    assert_clean_error(result, "--resume refused", needle)
+
+
+def test_failing_batch_is_not_retried_forever(tmp_path, matmul_slices):
+    template, _ = matmul_slices
+    weight = np.ones((96, 2), np.float32)
+    export_mindir(MatMulNeg(weight), [dynamic(96)], tmp_path / "p" / "p0.mindir")
+    export_mindir(FixedBatchOnly(weight, 4), [dynamic(96)], tmp_path / "p" / "p1.mindir")
+    write_h5(tmp_path / "in.h5", {"x": np.ones((10, 96), np.float32)})
+    doc = matmul_job(tmp_path, template, ranks=2, batch_size=4)
+    doc["model"]["files"] = str(tmp_path / "p" / "p{rank}.mindir")
+    doc["run"] = {"max_attempts": 2}
+    job = write_job(tmp_path, doc)
+    assert run_cli("run", job, n=2).returncode == 1
+    assert run_cli("run", job, "--resume", n=2).returncode == 1
+    assert_clean_error(run_cli("run", job, "--resume", n=2), "rows 8..9", "attempted 2 times",
+                       "max_attempts = 2")
+
+
+def test_corrupt_slice_then_fixed_slice(tmp_path, matmul_slices):
+    template, weight = matmul_slices
+    write_h5(tmp_path / "in.h5", {"x": np.ones((9, 96), np.float32)})
+    (tmp_path / "s").mkdir()
+    shutil.copy(str(template).format(rank=0), tmp_path / "s" / "s0.mindir")
+    (tmp_path / "s" / "s1.mindir").write_bytes(b"\x08\x01not a model" * 50)
+    doc = matmul_job(tmp_path, template, ranks=2, batch_size=4)
+    doc["model"]["files"] = str(tmp_path / "s" / "s{rank}.mindir")
+    job = write_job(tmp_path, doc)
+    assert_clean_error(run_cli("run", job, n=2), "rank 1", "s1.mindir")
+    assert not (tmp_path / "out").exists()
+    shutil.copy(str(template).format(rank=1), tmp_path / "s" / "s1.mindir")
+    assert run_cli("run", job, n=2).returncode == 0
+    out = datasets(tmp_path / "out" / "result.h5")
+    np.testing.assert_allclose(out["y"], -(np.ones((9, 96)) @ weight[:, :4]), rtol=1e-5)
+
+
+def test_second_run_on_the_same_output_fails_fast_and_stale_lock_is_taken(reference, tmp_path):
+    job = copy_job(reference, tmp_path)
+    run = start_run(job, 4)
+    wait_for(lambda: committed(tmp_path) >= 3)
+    started = time.monotonic()
+    result = run_cli("run", job, "--resume", n=2)
+    assert time.monotonic() - started < 30
+    assert_clean_error(result, "another run is writing it", "result.h5.lock")
+    run.send_signal(signal.SIGUSR1)
+    run.communicate(timeout=60)
+    # A lock left by a process that no longer exists does not block --resume.
+    (tmp_path / "out" / "result.h5.lock").write_text(f"{os.uname().nodename} 999999999\n")
+    resume_and_compare(reference, tmp_path, job)
+
+
+def test_watchdog_ends_a_frozen_rank(reference, tmp_path):
+    job = copy_job(reference, tmp_path, batch_timeout=3)
+    run = start_run(job, 4)
+    wait_for(lambda: committed(tmp_path) >= 5)
+    os.kill(rank_pids(job)[1], signal.SIGSTOP)
+    stopped = time.monotonic()
+    _, stderr = run.communicate(timeout=60)
+    assert run.returncode != 0
+    assert time.monotonic() - stopped < 20
+    assert "Timeout" in stderr and "Thread" in stderr  # faulthandler's stack dumps
+    resume_and_compare(reference, tmp_path, job)
+
+
+def test_resume_of_a_complete_output_does_nothing(reference, tmp_path):
+    job = copy_job(reference, tmp_path)
+    assert run_cli("run", job, n=2).returncode == 0
+    before = (tmp_path / "out" / "result.h5").read_bytes()
+    result = run_cli("run", job, "--resume", n=2)
+    assert result.returncode == 0 and "already complete" in result.stdout
+    assert (tmp_path / "out" / "result.h5").read_bytes() == before
