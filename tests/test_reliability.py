@@ -112,6 +112,8 @@ def test_kill_9_then_resume_is_bitwise_identical(reference, tmp_path, rank, seed
     run.communicate(timeout=60)
     gone = time.monotonic() - killed
     assert run.returncode != 0
+    print(f"\nkill -9 of rank {rank} after >= {at} committed batches: every process gone in "
+          f"{gone:.2f} s")
     assert gone < 10, f"the other ranks took {gone:.1f} s to go"
     wait_for(lambda: not any(p for p in rank_pids(job)), timeout=10)
     assert not (tmp_path / "out" / "result.h5").exists()
@@ -253,3 +255,29 @@ def test_resume_of_a_complete_output_does_nothing(reference, tmp_path):
     result = run_cli("run", job, "--resume", n=2)
     assert result.returncode == 0 and "already complete" in result.stdout
     assert (tmp_path / "out" / "result.h5").read_bytes() == before
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 256 KiB tmpfs (the tests run as root, as CI does), unmounted afterwards."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mount)], check=True)
+    yield mount
+    subprocess.run(["umount", str(mount)], check=True)
+
+
+def test_disk_full_keeps_committed_batches_then_resume(reference, tmp_path, small_disk):
+    folder, doc, expected = reference
+    shutil.copy(folder / "in.h5", tmp_path / "in.h5")
+    doc = {**doc, "output": {**doc["output"], "file": str(small_disk / "out" / "result.h5")}}
+    job = write_job(tmp_path, doc)
+    result = run_cli("run", job, n=4)
+    message = assert_clean_error(result, "disk full while committing rows", "intact", "--resume")
+    parts = small_disk / "out" / "result.h5.parts"
+    kept = len(list(parts.glob("batch-*.npz")))
+    assert 0 < kept < ROWS // BATCH, message
+    subprocess.run(["mount", "-o", "remount,size=8m", str(small_disk)], check=True)
+    assert run_cli("run", job, "--resume", n=4).returncode == 0
+    out = datasets(small_disk / "out" / "result.h5")
+    assert all(np.array_equal(out[k], v, equal_nan=True) for k, v in expected.items())
