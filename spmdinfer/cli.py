@@ -10,6 +10,7 @@ import argparse
 import json
 import sys
 import traceback
+from pathlib import Path
 
 from . import __version__
 from .errors import SpmdinferError
@@ -35,6 +36,12 @@ def build_parser() -> argparse.ArgumentParser:
                        help="continue a stopped or failed run from its committed batches "
                             "(nothing to do if the output is complete)")
     run.add_argument("--no-progress", action="store_true", help="do not draw progress on rank 0")
+    run.add_argument("--metrics", type=Path, metavar="FILE",
+                     help="write JSON metrics: rows/s, load time, and per rank the seconds spent "
+                          "reading, broadcasting, predicting, combining, writing, waiting, peak RSS")
+    run.add_argument("--trace", type=Path, metavar="FILE",
+                     help="write a Chrome trace-event JSON (open it in https://ui.perfetto.dev): "
+                          "one track per rank")
 
     validate = commands.add_parser(
         "validate", help="check a job file, its slices and datasets without MPI or loading models")
@@ -111,7 +118,7 @@ def _run(spec, args) -> int:
     world = MPI.COMM_WORLD
     try:
         summary = run_job(spec, world, overwrite=args.overwrite, resume=args.resume,
-                          progress=not args.no_progress)
+                          progress=not args.no_progress, metrics=args.metrics, trace=args.trace)
     except SpmdinferError as exc:
         if world.rank == 0:
             _error(exc)

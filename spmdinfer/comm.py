@@ -95,13 +95,15 @@ class Peers:
 class Channel:
     """A private duplicate of a communicator with the few operations the runner uses."""
 
-    def __init__(self, comm, peers: Peers, idle: Callable[[], None] | None = None):
+    def __init__(self, comm, peers: Peers, idle: Callable[[], None] | None = None,
+                 recorder=None):
         from mpi4py import MPI
 
         self._mpi = MPI
         self.comm = comm.Dup()
         self.peers = peers
         self.idle = idle  # run while waiting (rank 0 drains finished batches to the output)
+        self.recorder = recorder  # metrics.Recorder: time spent waiting
         self.rank = self.comm.rank
         self.size = self.comm.size
         self._outbox: deque = deque()
@@ -114,7 +116,7 @@ class Channel:
         """The ranks that share `color`, in rank order, with the same peers and idle work."""
         part = self.comm.Split(color, self.rank)
         try:
-            return Channel(part, self.peers, self.idle)
+            return Channel(part, self.peers, self.idle, self.recorder)
         finally:
             part.Free()
 
@@ -125,15 +127,19 @@ class Channel:
 
     def wait(self, request) -> None:
         """Complete `request`, sleeping between tests; raise PeerFailed if a peer failed."""
-        started = time.monotonic()
+        if request.Test():
+            return
+        began = time.time()
         delay = MIN_DELAY
         while not request.Test():
             self.peers.check()
             if self.idle is not None:
                 self.idle()
-            if time.monotonic() - started > SPIN_SECONDS:
+            if time.time() - began > SPIN_SECONDS:
                 time.sleep(delay)
                 delay = min(delay * 2, MAX_DELAY)
+        if self.recorder is not None:
+            self.recorder.add("wait", began, time.time() - began)
 
     def wait_all(self, requests) -> None:
         for request in requests:

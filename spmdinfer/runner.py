@@ -37,6 +37,7 @@ from .data import InputField, InputReader, OutputWriter
 from .journal import Journal, OutputLock, fingerprint, parts_folder
 from .errors import BackendError, DataError, JobFailed, PeerFailed, SpmdinferError
 from .log import log, setup_logging
+from .metrics import Recorder, write_metrics, write_trace
 from .program import Program, check_output_count
 from .progress import Progress
 from .spec import Combine, JobSpec
@@ -52,7 +53,7 @@ class RunSummary:
     """What a run did."""
 
     rows: int
-    batches: int            # batches this run predicted
+    batches: int            # batches this run committed
     seconds: float          # the whole run, start-up and model loading included
     load_seconds: float     # start-up: checks and model loading, until the first batch
     output: Path
@@ -78,10 +79,12 @@ class RunSummary:
 
 
 def run_job(spec: JobSpec, comm=None, *, overwrite: bool = False, resume: bool = False,
-            progress: bool = True) -> RunSummary:
+            progress: bool = True, metrics: Path | None = None,
+            trace: Path | None = None) -> RunSummary:
     """Run `spec` on the ranks of `comm` (COMM_WORLD when None); every rank calls this.
 
     Returns the summary on every rank (outcome "stopped" after SIGTERM or SIGUSR1).
+    `metrics` and `trace` name JSON files rank 0 writes at the end (see spmdinfer.metrics).
     Raises SpmdinferError (JobFailed, with the failing rank's message, on the others)
     on every rank when any rank fails.
     """
@@ -90,14 +93,29 @@ def run_job(spec: JobSpec, comm=None, *, overwrite: bool = False, resume: bool =
 
         comm = MPI.COMM_WORLD
     peers = Peers(comm)
-    world = Channel(comm, peers)
+    world = Channel(comm, peers, recorder=Recorder(trace=trace is not None))
     previous = _catch_stop_signals(peers)
     try:
-        return _Run(spec, world, overwrite, resume, progress).run()
+        summary = _Run(spec, world, overwrite, resume, progress).run()
+        if metrics is not None or trace is not None:
+            _report(world, summary, metrics, trace)
+        return summary
     finally:
         _restore_signals(previous)
         world.close()
         peers.close()
+
+
+def _report(world: Channel, summary: RunSummary, metrics: Path | None, trace: Path | None) -> None:
+    """Gather every rank's clock on rank 0 and write the metrics and trace files."""
+    import socket
+
+    reports = world.gather_objects(world.recorder.report(world.rank, socket.gethostname()))
+    if world.is_root:
+        if metrics is not None:
+            write_metrics(metrics, summary, reports)
+        if trace is not None:
+            write_trace(trace, reports)
 
 
 def _catch_stop_signals(peers: Peers) -> dict:
@@ -160,12 +178,12 @@ class _Run:
             loaded = time.monotonic()
             self._start_collector(rows)
             self.watchdog = Watchdog(self.spec.run.batch_timeout)
-            batches = self._loop(program, fields, pending, rows)
+            self._loop(program, fields, pending, rows)
             if self.collector is not None:
                 self.collector.drain()
             self.world.flush()
             self.watchdog.stop()
-            outcome, remaining = self._finish(identities, rows, starts)
+            outcome, remaining, batches = self._finish(identities, rows, starts)
         except BaseException as exc:
             raise self._fail(exc) from None
         finally:
@@ -247,7 +265,8 @@ class _Run:
                                   config_file=self.spec.device.config_path(info.model_rank))
             options = self.spec.backend_options.get(name, {})
             began = time.monotonic()
-            sessions = [backends.open_session(name, path, placement, options) for path in paths]
+            with self.world.recorder.span("load"):
+                sessions = [backends.open_session(name, path, placement, options) for path in paths]
             log.info("loaded %s with %s %s in %.2f s", ", ".join(map(str, paths)), name,
                      sessions[0].version, time.monotonic() - began)
             if layout.stage == 0:
@@ -308,8 +327,8 @@ class _Run:
     # The loop.
 
     def _loop(self, program: Program, fields: list[InputField], starts: list[int],
-              rows: int) -> int:
-        """This rank's share of the batches in `starts`; returns how many it predicted."""
+              rows: int) -> None:
+        """This rank's share of the batches in `starts`."""
         layout, model = self.layout, self.spec.model
         group = self.world.split(layout.replica * layout.stages + layout.stage)
         last = layout.stage == layout.stages - 1
@@ -318,7 +337,6 @@ class _Run:
         buffers = [f.buffer(max(1, min(self.spec.input.batch_size, rows))) for f in fields]
         for buffer in buffers:
             buffer[:1] = 0  # a job with no rows predicts one zero row, to learn the output shapes
-        predicted = 0
         try:
             while True:
                 self.watchdog.kick()
@@ -327,17 +345,18 @@ class _Run:
                 packet = (DONE, 0, 0, [])
                 if group.is_root:
                     packet = self._next_packet(my_starts, buffers, rows)
-                kind, start, valid, arrays = group.bcast_packet(*packet)
+                with self.world.recorder.span("bcast"):
+                    kind, start, valid, arrays = group.bcast_packet(*packet)
                 if kind == DONE:
                     self._pass_on(group, DONE, 0, 0, [])
                     if group.is_root and last and self.collector is None:
                         self.world.send_packet(0, DONE, 0, 0, [])  # this replica is finished
-                    return predicted
-                predicted += 1
+                    return
                 if model.handoff == "graph" and layout.stage == 0:
                     self._pass_on(group, GO, start, valid, [])  # later stages run along
                 try:
-                    outputs = program.predict(arrays)
+                    with self.world.recorder.span("predict"):
+                        outputs = program.predict(arrays)
                 except Exception as exc:
                     error, code = _failure(exc, self.info)
                     raise JobFailed(f"predict failed on batch rows {start}..{start + max(valid, 1) - 1}"
@@ -348,8 +367,9 @@ class _Run:
                     outputs = [o[:max(valid, 1)] for o in outputs]  # the graph ran a padded batch
                 modes = (self.spec.output.combine if last else
                          [model.stage_combine[layout.stage]] * len(outputs))
-                combined = combine_outputs(group, outputs, modes, self._output_names(len(outputs)),
-                                           max(valid, 1))
+                with self.world.recorder.span("combine"):
+                    combined = combine_outputs(group, outputs, modes,
+                                               self._output_names(len(outputs)), max(valid, 1))
                 if group.is_root and last:
                     self._deliver(start, [c[:valid] for c in combined])
                 elif model.handoff == "host":
@@ -370,7 +390,8 @@ class _Run:
             return DONE, 0, 0, []
         stop = min(start + self.spec.input.batch_size, rows)
         try:
-            self.reader.read(start, stop, buffers)
+            with self.world.recorder.span("read"):
+                self.reader.read(start, stop, buffers)
         except Exception as exc:
             raise DataError(f"reading rows {start}..{stop - 1} of {self.reader.file_path}: "
                             f"{exc}") from None
@@ -403,19 +424,19 @@ class _Run:
 
     # The end.
 
-    def _finish(self, identities: list, rows: int, starts: list[int]) -> tuple[str, int]:
+    def _finish(self, identities: list, rows: int, starts: list[int]) -> tuple[str, int, int]:
         """Rank 0 assembles the output once every batch is committed; every rank learns the
-        outcome: ("complete", 0) or ("stopped", batches still to do)."""
+        outcome ("complete" or "stopped"), the batches still to do and those done this run."""
         error = result = None
         if self.world.is_root:
             try:
                 remaining = len(set(starts) - self.journal.committed())
                 if remaining:
                     self.journal.forget_attempts(self.counted)
-                    result = ("stopped", remaining)
+                    result = ("stopped", remaining, self.collector.commits)
                 else:
                     self._assemble(identities, rows, len(starts))
-                    result = ("complete", 0)
+                    result = ("complete", 0, self.collector.commits)
             except Exception as exc:
                 error = _failure(exc, self.info)[0]
         self.world.agree(error)
@@ -428,7 +449,8 @@ class _Run:
         try:
             for start in sorted(self.journal.committed()):
                 watchdog.kick()
-                writer.write(start, self.journal.load(start))
+                with self.world.recorder.span("write"):
+                    writer.write(start, self.journal.load(start))
             writer.finish(self._provenance(identities, rows, batches))
         except OSError as exc:
             writer.discard()
@@ -477,16 +499,19 @@ class _Collector:
         sources = {layout.leader(replica, layout.stages - 1) for replica in range(layout.replicas)}
         self._receivers = {s: PacketReceiver(world, s) for s in sorted(sources - {0})}
         self._busy = False
+        self.commits = 0
 
     def write(self, start: int, arrays: Sequence[np.ndarray]) -> None:
         """Commit one finished batch."""
         try:
-            self.journal.commit(start, arrays)
+            with self.world.recorder.span("write"):
+                self.journal.commit(start, arrays)
         except OSError as exc:
             full = "disk full" if exc.errno == errno.ENOSPC else "cannot write"
             raise DataError(f"{full} while committing rows {start}..{start + self.batch_size - 1} "
                             f"to {self.journal.folder} ({exc.strerror}); the batches committed so far "
                             "are intact: make room and run again with --resume") from None
+        self.commits += 1
         self.progress.update(len(arrays[0]) if arrays else 0)
         self.lock.refresh()
 

@@ -116,3 +116,29 @@ def test_existing_output_is_refused_then_replaced_with_overwrite(tmp_path, matmu
     assert out.read_bytes() == b"precious"
     ok(run_cli("run", job, "--overwrite", n=2))
     np.testing.assert_allclose(read_h5(out, "/y"), -(x @ weight[:, :4]), rtol=1e-5)
+
+
+def test_metrics_trace_and_plain_progress(tmp_path, matmul_slices):
+    import json
+
+    template, _ = matmul_slices
+    write_h5(tmp_path / "in.h5", {"x": np.ones((50, 96), np.float32)})
+    job = write_job(tmp_path, matmul_job(tmp_path, template, ranks=2, batch_size=5))
+    result = ok(run_cli("run", job, "--metrics", tmp_path / "m.json", "--trace", tmp_path / "t.json",
+                        n=4, env={"SPMDINFER_PROGRESS_INTERVAL": "0", "SPMDINFER_LOG_LEVEL": "INFO"}))
+    metrics = json.loads((tmp_path / "m.json").read_text())
+    assert metrics["rows"] == 50 and metrics["batches"] == 10 and metrics["outcome"] == "complete"
+    assert metrics["rows_per_second"] > 0 and metrics["load_seconds"] > 0
+    assert [r["rank"] for r in metrics["ranks"]] == [0, 1, 2, 3]
+    for r in metrics["ranks"]:
+        assert set(r["seconds"]) == {"load", "read", "bcast", "predict", "combine", "write", "wait"}
+        assert r["seconds"]["predict"] > 0 and r["peak_rss_bytes"] > 10_000_000
+    assert metrics["ranks"][0]["seconds"]["write"] > 0 and metrics["ranks"][1]["seconds"]["write"] == 0
+    assert metrics["ranks"][2]["seconds"]["read"] > 0  # replica 1's leader reads its own batches
+    trace = json.loads((tmp_path / "t.json").read_text())["traceEvents"]
+    tracks = {e["pid"] for e in trace if e["ph"] == "X"}
+    assert tracks == {0, 1, 2, 3}
+    assert {e["name"] for e in trace if e["ph"] == "X" and e["pid"] == 0} >= {"load", "predict", "write"}
+    # Not a terminal: plain progress lines instead of a bar, and the log prefixed by rank.
+    assert "spmdinfer: 50/50 rows (100.0%)" in result.stderr
+    assert "[rank 3] INFO" in result.stderr and "\r" not in result.stderr
