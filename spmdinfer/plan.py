@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from .errors import WorldSizeError
 from .spec import JobSpec
-from .topology import device_for, layout_for
+from .topology import device_for, layout_for, physical_device
 
 
 def plan(spec: JobSpec, world: int, per_node: int | None = None) -> list[dict]:
@@ -25,6 +25,7 @@ def plan(spec: JobSpec, world: int, per_node: int | None = None) -> list[dict]:
             "files": [str(p) for p in files], "exists": all(p.is_file() for p in files),
             "target": spec.device.target, "device_id": device_for(spec.device, local_rank),
         })
+        rows[-1]["device"] = physical_device(spec.device.target, rows[-1]["device_id"])
     return rows
 
 
@@ -32,9 +33,9 @@ def shared_devices(rows: list[dict]) -> list[tuple[int, int]]:
     """Pairs of ranks on one node that would use the same device."""
     seen, pairs = {}, []
     for row in rows:
-        if row["device_id"] is None:
+        if row["device"] is None:
             continue
-        key = (row["node"], row["device_id"])
+        key = (row["node"], row["device"])
         if key in seen:
             pairs.append((seen[key], row["rank"]))
         seen.setdefault(key, row["rank"])

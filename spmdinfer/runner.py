@@ -41,7 +41,7 @@ from .metrics import Recorder, write_metrics, write_trace
 from .program import Program, check_output_count
 from .progress import Progress
 from .spec import Combine, JobSpec
-from .topology import Layout, RankInfo, discover
+from .topology import Layout, RankInfo, discover, physical_device
 from .validate import open_checked
 
 
@@ -255,6 +255,9 @@ class _Run:
     def _load(self, fields: list[InputField]) -> tuple[Program, list]:
         """Every rank loads its graphs and binds them to what its stage receives."""
         info, layout, model = self.info, self.layout, self.spec.model
+        target = self.spec.device.target
+        devices = self.world.allgather_objects((info.host, physical_device(target, info.device_id)))
+        self.world.agree(shared_device(devices, target))  # before any model loads
         error, code, identity, program = None, 0, None, None
         paths = model.graph_paths(info.model_rank)
         try:
@@ -276,13 +279,11 @@ class _Run:
             program = Program(sessions, paths, self.spec.steps, batch)
             if layout.stage == layout.stages - 1:
                 check_output_count(program.outputs(), self.spec.output_names, paths[-1])
-            identity = ([str(p) for p in paths], [sha256(p) for p in paths], name, program.version,
-                        info.host, info.device_id)
+            identity = ([str(p) for p in paths], [sha256(p) for p in paths], name, program.version)
         except Exception as exc:
             error, code = _failure(exc, info)
         self.world.agree(error, code)
         identities = self.world.allgather_objects(identity)
-        self.world.agree(shared_device(identities, self.spec.device.target))
         if self.world.is_root:
             log.info("backend %s %s", identity[2], identity[3])
         if layout.stage == 0 and layout.stage_rank == 0 and self.reader is None:
@@ -613,12 +614,12 @@ def check_layout(name: str, combine: Combine, shapes: list[tuple], dtypes: list[
                                "cannot join")
 
 
-def shared_device(identities: list, target: str) -> BackendError | None:
-    """An error if two ranks on one node would use the same device."""
-    if target == "cpu":
-        return None
+def shared_device(devices: list[tuple[str, str | None]], target: str) -> BackendError | None:
+    """An error if two ranks on one node would use the same device ((host, device) per rank)."""
     seen = {}
-    for rank, (_, _, _, _, host, device) in enumerate(identities):
+    for rank, (host, device) in enumerate(devices):
+        if device is None:
+            continue
         if (host, device) in seen:
             return BackendError(f"[device] device_id: ranks {seen[(host, device)]} and {rank} on "
                                 f"{host} would both use {target} device {device}")

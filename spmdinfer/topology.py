@@ -114,8 +114,13 @@ def discover(comm, spec: JobSpec) -> RankInfo:
         node.Free()
     local_rank = env_local_rank(local_rank)
     return RankInfo(layout=layout, local_rank=local_rank, local_size=local_size,
-                    host=socket.gethostname(), device_id=device_for(spec.device, local_rank),
+                    host=node_name(), device_id=device_for(spec.device, local_rank),
                     threads=threads_for(spec.device, local_size))
+
+
+def node_name() -> str:
+    """The node this rank runs on: Slurm's name for it where Slurm launched us, else the host name."""
+    return os.environ.get("SLURMD_NODENAME") or socket.gethostname()
 
 
 def env_local_rank(default: int) -> int:
@@ -127,18 +132,46 @@ def env_local_rank(default: int) -> int:
     return default
 
 
+VISIBLE_DEVICES = {"gpu": "CUDA_VISIBLE_DEVICES", "ascend": "ASCEND_RT_VISIBLE_DEVICES"}
+
+
 def device_for(device: DeviceSpec, local_rank: int) -> int | None:
-    """The device id of the rank with this node-local rank; None on CPU."""
+    """The device id the framework gets for the rank with this node-local rank; None on CPU.
+
+    With CUDA_VISIBLE_DEVICES (gpu) or ASCEND_RT_VISIBLE_DEVICES (ascend) set, the id is
+    an index into that list, as the frameworks number only the visible devices.
+    """
     if device.target == "cpu":
         return None
     if device.device_id == "local":
-        return local_rank
-    if isinstance(device.device_id, tuple):
+        chosen = local_rank
+    elif isinstance(device.device_id, tuple):
         if local_rank >= len(device.device_id):
             raise WorldSizeError(f"[device] device_id lists {len(device.device_id)} devices but "
                                  f"node-local rank {local_rank} needs one")
-        return device.device_id[local_rank]
-    return device.device_id
+        chosen = device.device_id[local_rank]
+    else:
+        chosen = device.device_id
+    visible = visible_devices(device.target)
+    if visible is not None and chosen >= len(visible):
+        raise WorldSizeError(f"[device] device_id: node-local rank {local_rank} gets device {chosen}, "
+                             f"but {VISIBLE_DEVICES[device.target]}={','.join(visible)} makes only "
+                             f"{len(visible)} visible")
+    return chosen
+
+
+def visible_devices(target: str) -> list[str] | None:
+    """The visible-devices list the launcher set for `target`, or None."""
+    value = os.environ.get(VISIBLE_DEVICES.get(target, ""), "").strip()
+    return [d.strip() for d in value.split(",") if d.strip()] if value else None
+
+
+def physical_device(target: str, device_id: int | None) -> str | None:
+    """The device as the node knows it: the visible list's entry, or the id itself."""
+    if device_id is None:
+        return None
+    visible = visible_devices(target)
+    return visible[device_id] if visible is not None else str(device_id)
 
 
 def threads_for(device: DeviceSpec, local_size: int) -> int:

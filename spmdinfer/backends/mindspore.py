@@ -36,11 +36,16 @@ class MindSporeSession:
         self._tensor = mindspore.Tensor
         self.version = mindspore.__version__
         device = _TARGETS[placement.target]
-        if placement.device_id is None:
-            mindspore.set_device(device)
-        else:
-            mindspore.set_device(device, placement.device_id)
-        mindspore.set_context(runtime_num_threads=placement.threads)
+        try:
+            if placement.device_id is None:
+                mindspore.set_device(device)
+            else:
+                mindspore.set_device(device, placement.device_id)
+            mindspore.set_context(runtime_num_threads=placement.threads)
+        except (RuntimeError, ValueError) as exc:
+            where = device if placement.device_id is None else f"{device} device {placement.device_id}"
+            raise BackendError(f"MindSpore {self.version} cannot run on {where}: "
+                               f"{str(exc).strip().splitlines()[0]}") from None
         self._inputs, self._outputs = read_signature(path)
         try:
             self._cell = nn.GraphCell(mindspore.load(str(path)))
