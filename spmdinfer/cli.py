@@ -48,6 +48,14 @@ def build_parser() -> argparse.ArgumentParser:
     validate.add_argument("job", help="the job file (TOML)")
     validate.add_argument("--overwrite", action="store_true",
                           help="do not report an existing output file as an error")
+    validate.add_argument("--deep", action="store_true",
+                          help="also check the layout for a world size, the sha256 manifest, devices, "
+                               "the MPI library, and every slice's declared inputs and outputs")
+    validate.add_argument("-n", dest="world", type=int, metavar="WORLD",
+                          help="with --deep: the world size you will launch with (default: the "
+                               "launcher's, else [model] ranks)")
+    validate.add_argument("--per-node", type=int, metavar="K",
+                          help="with --deep: ranks per node (default: all on one node)")
 
     plan = commands.add_parser(
         "plan", help="show where every rank will run and which slices it loads, without MPI")
@@ -74,15 +82,24 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "plan":
             return _plan(spec, args)
         if args.command == "validate":
-            from .validate import validate
-
-            print(f"spmdinfer: {args.job}: ok: {validate(spec, overwrite=args.overwrite)}")
-            return 0
+            return _validate(spec, args)
     except SpmdinferError as exc:
         if launcher_rank() == 0:
             _error(exc)
         return exc.exit_code
     return _run(spec, args)
+
+
+def _validate(spec, args) -> int:
+    from .validate import validate, validate_deep
+
+    if args.deep:
+        lines = validate_deep(spec, args.world, args.per_node, overwrite=args.overwrite)
+    else:
+        lines = [str(validate(spec, overwrite=args.overwrite))]
+    if launcher_rank() == 0:
+        print(f"spmdinfer: {args.job}: ok: " + "\n  ".join(lines))
+    return 0
 
 
 def _plan(spec, args) -> int:

@@ -19,6 +19,15 @@ def inspect_slice(path: str | Path) -> dict:
     `outputs` is None where the file does not declare them (MindIR tuple outputs).
     """
     path = Path(path)
+    fmt, backend = FORMATS.get(path.suffix.lower(), (None, None))
+    inputs, outputs, version = declared(path)
+    return {"file": str(path), "format": fmt, "backend": backend, "backend_version": version,
+            "inputs": [_tensor(t) for t in inputs],
+            "outputs": [_tensor(t) for t in outputs] if outputs else None}
+
+
+def declared(path: Path) -> tuple[list[TensorInfo], list[TensorInfo], str]:
+    """The inputs and outputs a slice file declares, and the version of what read it."""
     if path.suffix.lower() not in FORMATS:
         raise BackendError(f"{path}: unknown slice format {path.suffix!r}; "
                            f"known: {', '.join(FORMATS)}")
@@ -33,16 +42,12 @@ def inspect_slice(path: str | Path) -> dict:
 
         # Only the protobuf is parsed: no graph is compiled, so any MindIR reads on any host.
         inputs, outputs = read_signature(path)
-        version = importlib.metadata.version("mindspore")
-    else:
-        from .backends.onnxruntime import open_session
+        return inputs, outputs, importlib.metadata.version("mindspore")
+    from .backends.onnxruntime import open_session
 
-        session = open_session(path, Placement("cpu", None, 0, 1),
-                               {"graph_optimization_level": "disable_all"})
-        inputs, outputs, version = session.inputs(), session.outputs(), session.version
-    return {"file": str(path), "format": fmt, "backend": backend, "backend_version": version,
-            "inputs": [_tensor(t) for t in inputs],
-            "outputs": [_tensor(t) for t in outputs] if outputs else None}
+    session = open_session(path, Placement("cpu", None, 0, 1),
+                           {"graph_optimization_level": "disable_all"})
+    return session.inputs(), session.outputs(), session.version
 
 
 def format_report(report: dict) -> str:

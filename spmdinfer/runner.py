@@ -42,7 +42,7 @@ from .program import Program, check_output_count
 from .progress import Progress
 from .spec import Combine, JobSpec
 from .topology import Layout, RankInfo, discover, physical_device
-from .validate import open_checked
+from .validate import check_manifest, open_checked, read_manifest, sha256_of
 
 
 EXIT_STOPPED = 75   # stopped early at a batch boundary; `run --resume` continues (EX_TEMPFAIL)
@@ -279,7 +279,12 @@ class _Run:
             program = Program(sessions, paths, self.spec.steps, batch)
             if layout.stage == layout.stages - 1:
                 check_output_count(program.outputs(), self.spec.output_names, paths[-1])
-            identity = ([str(p) for p in paths], [sha256(p) for p in paths], name, program.version)
+            digests = [sha256_of(p) for p in paths]
+            if model.sha256:
+                manifest = read_manifest(Path(model.sha256))
+                for path, digest in zip(paths, digests):
+                    check_manifest(manifest, path, digest)
+            identity = ([str(p) for p in paths], digests, name, program.version)
         except Exception as exc:
             error, code = _failure(exc, info)
         self.world.agree(error, code)
@@ -625,14 +630,6 @@ def shared_device(devices: list[tuple[str, str | None]], target: str) -> Backend
                                 f"{host} would both use {target} device {device}")
         seen[(host, device)] = rank
     return None
-
-
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _now() -> str:

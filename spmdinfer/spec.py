@@ -79,6 +79,7 @@ class ModelSpec:
     stages: int = 1
     handoff: str = "host"
     stage_combine: tuple[Combine, ...] = ()   # per stage before the last, for all its outputs
+    sha256: str = ""   # a sha256sum-style manifest of the slice files, checked before use
 
     @property
     def ranks_per_stage(self) -> int:
@@ -225,8 +226,11 @@ def _parse_model(table: dict, base: Path) -> ModelSpec:
         raise SpecError(f"[model] stage_combine must be a combine mode or a list of {stages - 1} "
                         f"(one per stage before the last), got {table.get('stage_combine')!r}")
     stage_combine = tuple(Combine.parse(m, f"[model] stage_combine[{i}]") for i, m in enumerate(modes))
+    manifest = table.get("sha256", ModelSpec.sha256)
+    if not isinstance(manifest, str):
+        raise SpecError(f"[model] sha256 must be the path of a sha256sum manifest, got {manifest!r}")
     return ModelSpec(files=templates, backend=backend, ranks=ranks, stages=stages, handoff=handoff,
-                     stage_combine=stage_combine)
+                     stage_combine=stage_combine, sha256=str(base / manifest) if manifest else "")
 
 
 def _parse_steps(steps, graphs: int) -> tuple[Step, ...]:
