@@ -107,6 +107,7 @@ class Channel:
         self.rank = self.comm.rank
         self.size = self.comm.size
         self._outbox: deque = deque()
+        self._buffers: dict[int, np.ndarray] = {}
 
     @property
     def is_root(self) -> bool:
@@ -186,13 +187,22 @@ class Channel:
         self.wait(self.comm.Ibcast(header, root=ROOT))
         kind, start, rows, layout = unpack_header(header)
         if not self.is_root:
-            arrays = [np.empty(shape, dtype) for dtype, shape in layout]
+            arrays = [self._receive_buffer(k, dtype, shape) for k, (dtype, shape) in enumerate(layout)]
         if any(a.nbytes for a in arrays):
             self.barrier()  # the root's header left eagerly: wait until every rank is here
             for array in arrays:
                 if array.nbytes:
                     self.comm.Bcast(_bytes(array), root=ROOT)
         return kind, start, rows, list(arrays)
+
+    def _receive_buffer(self, slot: int, dtype: np.dtype, shape: tuple) -> np.ndarray:
+        """A view of a buffer kept between batches (fresh buffers each batch cost page faults);
+        the arrays of one batch are done with before the next batch arrives."""
+        held = self._buffers.get(slot)
+        if held is None or held.dtype != dtype or held.shape[1:] != shape[1:] or \
+                held.shape[0] < shape[0]:
+            held = self._buffers[slot] = np.empty(shape, dtype)
+        return held[:shape[0]] if shape else held
 
     # Packets between two ranks.
 

@@ -83,6 +83,7 @@ class InputReader:
             self.rows = next(iter(counts.values()))
             check_batch_memory(self.fields, self.rows, spec.batch_size,
                                ranks_on_node or launcher_ranks_on_node())
+            self._datasets = [with_chunk_cache(ds, spec.batch_size) for ds in self._datasets]
         except BaseException:
             self._file.close()
             raise
@@ -119,6 +120,25 @@ class InputReader:
 
     def close(self) -> None:
         self._file.close()
+
+
+def with_chunk_cache(dataset, batch_size: int):
+    """`dataset` reopened with a chunk cache that holds every chunk one batch touches (plus the
+    chunk straddling the next batch), so no chunk is decompressed twice; as is when the
+    file's default cache already does."""
+    import h5py
+
+    if dataset.chunks is None:
+        return dataset
+    chunk_bytes = int(np.prod(dataset.chunks)) * dataset.dtype.itemsize
+    across = int(np.prod([-(-n // c) for n, c in zip(dataset.shape[1:], dataset.chunks[1:])]))
+    chunks = (-(-min(batch_size, max(dataset.shape[0], 1)) // dataset.chunks[0]) + 1) * across
+    need = chunks * chunk_bytes
+    if need <= INPUT_CHUNK_CACHE:
+        return dataset
+    dapl = h5py.h5p.create(h5py.h5p.DATASET_ACCESS)
+    dapl.set_chunk_cache(max(521, 10 * chunks + 1), int(need * 1.25), 1.0)
+    return h5py.Dataset(h5py.h5d.open(dataset.file.id, dataset.name.encode(), dapl))
 
 
 def check_links(file, path: str, where: str, depth: int = 0) -> None:
@@ -353,6 +373,7 @@ class OutputWriter:
     """Rank 0's output: written to FILE.partial, renamed to FILE by `finish`."""
 
     def __init__(self, spec: OutputSpec, rows: int, batch_size: int):
+        """`spec.compression`: "" (none), "lzf", "gzip" or "gzip:LEVEL"."""
         import h5py
 
         self.path = spec.file
@@ -378,8 +399,13 @@ class OutputWriter:
         row_shape = sample.shape[1:]
         row_bytes = max(1, int(np.prod(row_shape)) * sample.itemsize)
         chunk_rows = max(1, min(self._batch_size, self._rows, MAX_CHUNK_BYTES // row_bytes))
+        filters = {}
+        if self._spec.compression and self._rows:
+            name, _, level = self._spec.compression.partition(":")
+            filters = {"compression": name, "compression_opts": int(level) if level else None}
         return self._file.create_dataset(path, shape=(self._rows,) + row_shape, dtype=sample.dtype,
-                                         chunks=(chunk_rows,) + row_shape if self._rows else None)
+                                         chunks=(chunk_rows,) + row_shape if self._rows else None,
+                                         **filters)
 
     def finish(self, attrs: dict) -> None:
         """Record provenance, close, and move the file to its final name."""

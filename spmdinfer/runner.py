@@ -38,6 +38,7 @@ from .journal import Journal, OutputLock, fingerprint, parts_folder
 from .errors import BackendError, DataError, JobFailed, PeerFailed, SpmdinferError
 from .log import log, setup_logging
 from .metrics import Recorder, write_metrics, write_trace
+from .overlap import Committer, Prefetcher
 from .program import Program, check_output_count
 from .progress import Progress
 from .spec import Combine, JobSpec
@@ -201,6 +202,8 @@ class _Run:
         """
         if getattr(self, "watchdog", None) is not None:
             self.watchdog.stop()
+        if self.collector is not None:
+            self.collector.abandon()
         batch = getattr(exc, "batch", None)
         if self.journal is not None:
             if batch is not None and batch not in self.counted:
@@ -339,10 +342,11 @@ class _Run:
         group = self.world.split(layout.replica * layout.stages + layout.stage)
         last = layout.stage == layout.stages - 1
         forwards = last or model.handoff == "host"  # in graph handoff only the last stage's outputs count
-        my_starts = iter(starts[layout.replica::layout.replicas])
-        buffers = [f.buffer(max(1, min(self.spec.input.batch_size, rows))) for f in fields]
-        for buffer in buffers:
-            buffer[:1] = 0  # a job with no rows predicts one zero row, to learn the output shapes
+        prefetcher = None
+        if group.is_root and layout.stage == 0:
+            prefetcher = Prefetcher(self.reader, fields, starts[layout.replica::layout.replicas],
+                                    self.spec.input.batch_size, rows,
+                                    lambda: self.world.recorder.span("read"))
         try:
             while True:
                 self.watchdog.kick()
@@ -350,7 +354,7 @@ class _Run:
                     self.collector.poll()  # other replicas' finished batches, between own batches
                 packet = (DONE, 0, 0, [])
                 if group.is_root:
-                    packet = self._next_packet(my_starts, buffers, rows)
+                    packet = self._next_packet(prefetcher)
                 with self.world.recorder.span("bcast"):
                     kind, start, valid, arrays = group.bcast_packet(*packet)
                 if kind == DONE:
@@ -381,9 +385,11 @@ class _Run:
                 elif model.handoff == "host":
                     self._pass_on(group, GO, start, valid, combined)
         finally:
+            if prefetcher is not None:
+                prefetcher.close()
             group.close()
 
-    def _next_packet(self, my_starts, buffers, rows):
+    def _next_packet(self, prefetcher: Prefetcher | None):
         """A stage leader's next packet: read from the file (stage 0) or from the stage before."""
         layout = self.layout
         if layout.stage > 0:
@@ -391,18 +397,11 @@ class _Run:
                                           if self.spec.model.handoff == "host" else
                                           layout.leader(layout.replica, 0))
         self.world.peers.check()
-        start = None if self.world.peers.stopping else next(my_starts, None)
-        if start is None:
+        batch = None if self.world.peers.stopping else prefetcher.next()
+        if batch is None:
             return DONE, 0, 0, []
-        stop = min(start + self.spec.input.batch_size, rows)
-        try:
-            with self.world.recorder.span("read"):
-                self.reader.read(start, stop, buffers)
-        except Exception as exc:
-            raise DataError(f"reading rows {start}..{stop - 1} of {self.reader.file_path}: "
-                            f"{exc}") from None
-        sent = max(stop - start, 1)
-        return GO, start, stop - start, [b[:sent] for b in buffers]
+        start, valid, buffers = batch
+        return GO, start, valid, [b[:max(valid, 1)] for b in buffers]
 
     def _pass_on(self, group: Channel, kind: int, start: int, rows: int, arrays) -> None:
         """A stage leader hands a packet to the stage(s) after it."""
@@ -506,9 +505,10 @@ class _Collector:
         self._receivers = {s: PacketReceiver(world, s) for s in sorted(sources - {0})}
         self._busy = False
         self.commits = 0
+        self._committer = Committer(self._commit)
 
-    def write(self, start: int, arrays: Sequence[np.ndarray]) -> None:
-        """Commit one finished batch."""
+    def _commit(self, start: int, arrays: Sequence[np.ndarray]) -> None:
+        """Make one finished batch durable (in the committer's thread)."""
         try:
             with self.world.recorder.span("write"):
                 self.journal.commit(start, arrays)
@@ -517,8 +517,16 @@ class _Collector:
             raise DataError(f"{full} while committing rows {start}..{start + self.batch_size - 1} "
                             f"to {self.journal.folder} ({exc.strerror}); the batches committed so far "
                             "are intact: make room and run again with --resume") from None
-        self.commits += 1
-        self.progress.update(len(arrays[0]) if arrays else 0)
+
+    def write(self, start: int, arrays: Sequence[np.ndarray]) -> None:
+        """Hand one finished batch to the committer; count the ones it has committed."""
+        self._committer.put(start, arrays)
+        self._count(self._committer.committed())
+
+    def _count(self, rows: list[int]) -> None:
+        for done in rows:  # progress shows committed batches only
+            self.commits += 1
+            self.progress.update(done)
         self.lock.refresh()
 
     def poll(self) -> None:
@@ -527,6 +535,7 @@ class _Collector:
             return
         self._busy = True  # waits inside a commit must not poll again
         try:
+            self._count(self._committer.committed())
             for source, receiver in list(self._receivers.items()):
                 packet = receiver.poll()
                 if packet is None:
@@ -541,14 +550,22 @@ class _Collector:
             self._busy = False
 
     def drain(self) -> None:
-        """Wait, politely, until every replica has said it is done."""
+        """Wait, politely, until every replica has said it is done and all is committed."""
         try:
             while self._receivers:
                 self.poll()
                 if self._receivers:
                     self.world.wait(next(iter(self._receivers.values())).request)
+            self._count(self._committer.close())
         finally:
             self.progress.close()
+
+    def abandon(self) -> None:
+        """On failure: let queued commits finish (they are whole batches), then stop."""
+        try:
+            self._committer.close()
+        except BaseException:
+            pass
 
 
 class Watchdog:

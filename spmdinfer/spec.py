@@ -123,6 +123,7 @@ class OutputSpec:
     file: Path
     datasets: tuple[tuple[str, str], ...]
     combine: tuple[Combine, ...] = ()
+    compression: str = ""   # "" (none) | "lzf" | "gzip" | "gzip:LEVEL"
 
 
 @dataclass(frozen=True)
@@ -300,7 +301,11 @@ def _parse_output(table: dict, base: Path) -> OutputSpec:
             raise SpecError(f"[output.combine] {name}: no such output; outputs are: {', '.join(names)}")
     combine = tuple(Combine.parse(modes.get(name, "rank0"), f"[output.combine] {name}")
                     for name in names)
-    return OutputSpec(file=file, datasets=datasets, combine=combine)
+    compression = table.get("compression", OutputSpec.compression)
+    if compression not in ("", "lzf", "gzip") and not re.fullmatch(r"gzip:[0-9]", str(compression)):
+        raise SpecError(f'[output] compression must be "", "lzf", "gzip" or "gzip:0".."gzip:9", '
+                        f"got {compression!r}")
+    return OutputSpec(file=file, datasets=datasets, combine=combine, compression=compression)
 
 
 def _parse_run(table: dict) -> RunSpec:

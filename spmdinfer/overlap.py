@@ -1,0 +1,130 @@
+"""Input and output in the background, so a stage-0 leader predicts batch b while batch b+1
+is read and rank 0 predicts while finished batches are committed.
+
+h5py reads and file writes release the GIL for the I/O itself, and the frameworks
+release it inside predict, so one thread of each kind is enough. Errors in the
+background threads are raised in the main thread at its next call.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from typing import Callable, Sequence
+
+import numpy as np
+
+from .data import InputField, InputReader
+from .errors import DataError
+
+PREFETCH_DEPTH = 2   # buffer sets: one being predicted, one being read
+COMMIT_DEPTH = 4     # finished batches that may wait for their commit
+
+
+class Prefetcher:
+    """Reads the batches at `starts`, in order, ahead of their use, into reused buffer sets."""
+
+    def __init__(self, reader: InputReader, fields: Sequence[InputField], starts: Sequence[int],
+                 batch_size: int, rows: int, timed: Callable | None = None):
+        self._reader = reader
+        self._starts = list(starts)
+        self._batch_size = batch_size
+        self._rows = rows
+        self._timed = timed  # wraps each read (metrics)
+        capacity = max(1, min(batch_size, rows))
+        self._free: queue.Queue = queue.Queue()
+        self._ready: queue.Queue = queue.Queue()
+        for _ in range(PREFETCH_DEPTH):
+            buffers = [f.buffer(capacity) for f in fields]
+            for buffer in buffers:
+                buffer[:1] = 0  # a job with no rows predicts one zero row, to learn output shapes
+            self._free.put(buffers)
+        self._held = None
+        self._thread = threading.Thread(target=self._run, name="spmdinfer-prefetch", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        for start in self._starts:
+            buffers = self._free.get()
+            if buffers is None:
+                return
+            stop = min(start + self._batch_size, self._rows)
+            try:
+                if self._timed is None:
+                    self._reader.read(start, stop, buffers)
+                else:
+                    with self._timed():
+                        self._reader.read(start, stop, buffers)
+            except Exception as exc:
+                self._ready.put(DataError(f"reading rows {start}..{stop - 1} of "
+                                          f"{self._reader.file_path}: {exc}"))
+                return
+            self._ready.put((start, stop - start, buffers))
+        self._ready.put(None)
+
+    def next(self) -> tuple[int, int, list[np.ndarray]] | None:
+        """The next batch (start, rows, buffers), or None when there are no more.
+
+        The buffers of the batch before go back to the reader now: call this only once
+        the previous batch's arrays are no longer in use.
+        """
+        if self._held is not None:
+            self._free.put(self._held)
+            self._held = None
+        item = self._ready.get()
+        if isinstance(item, Exception):
+            raise item
+        if item is not None:
+            self._held = item[2]
+        return item
+
+    def close(self) -> None:
+        self._free.put(None)
+
+
+class Committer:
+    """Runs `commit(start, arrays)` for finished batches in a background thread, in order."""
+
+    def __init__(self, commit: Callable[[int, Sequence[np.ndarray]], None]):
+        self._commit = commit
+        self._queue: queue.Queue = queue.Queue(COMMIT_DEPTH)
+        self._error: BaseException | None = None
+        self._done: list[int] = []  # rows of each committed batch, collected by `committed`
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._run, name="spmdinfer-commit", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while (item := self._queue.get()) is not None:
+            if self._error is not None:
+                continue
+            start, arrays = item
+            try:
+                self._commit(start, arrays)
+            except BaseException as exc:
+                self._error = exc
+                continue
+            with self._lock:
+                self._done.append(len(arrays[0]) if arrays else 0)
+
+    def put(self, start: int, arrays: Sequence[np.ndarray]) -> None:
+        """Queue one finished batch (waits while COMMIT_DEPTH batches are queued)."""
+        self._raise()
+        self._queue.put((start, arrays))
+
+    def committed(self) -> list[int]:
+        """The row counts of the batches committed since the last call."""
+        self._raise()
+        with self._lock:
+            done, self._done = self._done, []
+        return done
+
+    def close(self) -> list[int]:
+        """Wait for every queued commit; the row counts of those not yet reported."""
+        self._queue.put(None)
+        self._thread.join()
+        return self.committed()
+
+    def _raise(self) -> None:
+        if self._error is not None:
+            raise self._error
