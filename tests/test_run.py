@@ -142,3 +142,16 @@ def test_metrics_trace_and_plain_progress(tmp_path, matmul_slices):
     # Not a terminal: plain progress lines instead of a bar, and the log prefixed by rank.
     assert "spmdinfer: 50/50 rows (100.0%)" in result.stderr
     assert "[rank 3] INFO" in result.stderr and "\r" not in result.stderr
+
+
+def test_output_compression_is_optional(tmp_path, matmul_slices):
+    template, weight = matmul_slices
+    x = np.random.default_rng(9).standard_normal((30, 96)).astype(np.float32)
+    write_h5(tmp_path / "in.h5", {"x": x})
+    doc = matmul_job(tmp_path, template, ranks=2, batch_size=8)
+    doc["output"]["compression"] = "gzip:4"
+    ok(run_cli("run", write_job(tmp_path, doc), n=2))
+    with h5py.File(tmp_path / "out" / "result.h5") as f:
+        assert f["y"].compression == "gzip" and f["y"].compression_opts == 4
+        assert f["y"].chunks == (8, 4)
+        np.testing.assert_allclose(f["y"][()], -(x @ weight[:, :4]), rtol=1e-5, atol=1e-5)
