@@ -17,7 +17,6 @@ wait checks for notices, so no rank waits forever for a peer that has failed.
 from __future__ import annotations
 
 import errno
-import faulthandler
 import hashlib
 import os
 import signal
@@ -37,13 +36,15 @@ from .data import InputField, InputReader, OutputWriter
 from .journal import Journal, OutputLock, fingerprint, parts_folder
 from .errors import BackendError, DataError, JobFailed, PeerFailed, SpmdinferError
 from .log import log, setup_logging
+from .combine import combine_outputs
 from .metrics import Recorder, write_metrics, write_trace
 from .overlap import Committer, Prefetcher
 from .program import Program, check_output_count
 from .progress import Progress
-from .spec import Combine, JobSpec
+from .spec import JobSpec
 from .topology import Layout, RankInfo, discover, physical_device
 from .validate import check_manifest, open_checked, read_manifest, sha256_of
+from .watchdog import Watchdog
 
 
 EXIT_STOPPED = 75   # stopped early at a batch boundary; `run --resume` continues (EX_TEMPFAIL)
@@ -566,74 +567,6 @@ class _Collector:
             self._committer.close()
         except BaseException:
             pass
-
-
-class Watchdog:
-    """Ends a rank that makes no progress for `seconds`: every thread's stack goes to stderr,
-    then the process exits, and the MPI launcher ends the others (whose own watchdogs fire too
-    if they were waiting on it). faulthandler's timer thread needs no GIL, so a rank stuck
-    inside a framework call is caught as well."""
-
-    def __init__(self, seconds: float):
-        self.seconds = seconds
-        self.kick()
-
-    def kick(self) -> None:
-        if self.seconds > 0:
-            faulthandler.dump_traceback_later(self.seconds, exit=True)
-
-    def stop(self) -> None:
-        faulthandler.cancel_dump_traceback_later()
-
-
-def combine_outputs(group: Channel, outputs: Sequence[np.ndarray], modes: Sequence[Combine],
-                    names: Sequence[str], rows: int) -> list[np.ndarray | None]:
-    """Combine each output across the group on its root (None elsewhere)."""
-    outputs = [np.asarray(o) for o in outputs]
-    if len(outputs) != len(names):
-        raise BackendError(f"the slice returned {len(outputs)} outputs, [output.datasets] names "
-                           f"{len(names)}")
-    layouts = group.allgather_layouts(outputs) if any(m.mode != "rank0" for m in modes) else None
-    results = []
-    for k, (output, mode, name) in enumerate(zip(outputs, modes, names)):
-        if mode.mode == "rank0":
-            check_rows(name, 0, output.shape, rows)
-            results.append(output)
-            continue
-        shapes = [layout[k][1] for layout in layouts]
-        check_layout(name, mode, shapes, [layout[k][0] for layout in layouts], rows)
-        if mode.mode == "concat":
-            results.append(group.gather_concat(output, shapes, mode.axis))
-        else:
-            results.append(group.reduce_sum(output))
-    return results
-
-
-def check_rows(name: str, rank: int, shape: tuple, rows: int) -> None:
-    if not shape or shape[0] != rows:
-        raise BackendError(f"output {name}: rank {rank} returned shape {tuple(shape)} for a batch "
-                           f"of {rows} rows; outputs must keep the batch's rows on axis 0")
-
-
-def check_layout(name: str, combine: Combine, shapes: list[tuple], dtypes: list[np.dtype],
-                 rows: int) -> None:
-    """Check that every rank's output `name` can be combined; every rank reaches the same verdict."""
-    for rank, shape in enumerate(shapes):
-        check_rows(name, rank, shape, rows)
-    if len(set(dtypes)) > 1:
-        raise BackendError(f"output {name}: ranks returned different dtypes "
-                           f"({', '.join(sorted({str(d) for d in dtypes}))}), cannot {combine}")
-    if combine.mode == "sum" and len(set(shapes)) > 1:
-        raise BackendError(f"output {name}: ranks returned shapes {shapes}; sum needs equal shapes")
-    if combine.mode == "concat":
-        ndim = len(shapes[0])
-        axis = combine.axis
-        if not -ndim <= axis < ndim or axis % ndim == 0:
-            raise BackendError(f"output {name}: {combine} does not fit output shape {shapes[0]}")
-        rest = {s[:axis % ndim] + s[axis % ndim + 1:] for s in shapes}
-        if len(rest) > 1 or len({len(s) for s in shapes}) > 1:
-            raise BackendError(f"output {name}: ranks returned shapes {shapes}, which {combine} "
-                               "cannot join")
 
 
 def shared_device(devices: list[tuple[str, str | None]], target: str) -> BackendError | None:

@@ -1,11 +1,9 @@
 """Real `mpiexec -n N spmdinfer run` on MindIR slices exported here, against numpy."""
 
 import shutil
-import time
 
 import h5py
 import numpy as np
-import pytest
 
 from tests.cells import mlp_reference
 from tests.conftest import REPO, matmul_job, read_h5, run_cli, write_h5, write_job

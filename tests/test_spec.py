@@ -10,7 +10,7 @@ from spmdinfer.data import InputField
 from spmdinfer.errors import BackendError, DataError, SpecError
 from spmdinfer.comm import pack_header, unpack_header
 from spmdinfer.program import bind_inputs
-from spmdinfer.runner import check_layout
+from spmdinfer.combine import check_layout
 from spmdinfer.spec import Combine, load_spec, parse_spec
 from spmdinfer.topology import device_for, threads_for
 
