@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 import traceback
 from pathlib import Path
@@ -133,6 +134,10 @@ def _run(spec, args) -> int:
     from .runner import EXIT_STOPPED, run_job
 
     world = MPI.COMM_WORLD
+    # A stop signal that arrives after the run has ended must not kill the rank with no word:
+    # run_job catches them while it runs and restores these afterwards.
+    for stop in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(stop, signal.SIG_IGN)
     try:
         summary = run_job(spec, world, overwrite=args.overwrite, resume=args.resume,
                           progress=not args.no_progress, metrics=args.metrics, trace=args.trace)

@@ -48,6 +48,7 @@ from .watchdog import Watchdog
 
 
 EXIT_STOPPED = 75   # stopped early at a batch boundary; `run --resume` continues (EX_TEMPFAIL)
+REPEAT_SIGNAL_SECONDS = 2.0  # a second stop signal sooner than this is the same request
 
 
 @dataclass(frozen=True)
@@ -61,12 +62,14 @@ class RunSummary:
     output: Path
     outcome: str = "complete"   # complete | stopped (resumable) | already complete
     remaining: int = 0          # batches still to do when stopped
+    rows_done: int | None = None  # rows this run scored (fewer than `rows` after a resume)
 
     @property
     def rows_per_second(self) -> float:
-        """Throughput of the scoring loop, after the models are loaded."""
+        """Throughput of this run's scoring loop, after the models are loaded."""
         loop = self.seconds - self.load_seconds
-        return self.rows / loop if loop > 0 else 0.0
+        done = self.rows if self.rows_done is None else self.rows_done
+        return done / loop if loop > 0 else 0.0
 
     def __str__(self) -> str:
         if self.outcome == "already complete":
@@ -75,7 +78,8 @@ class RunSummary:
             return (f"spmdinfer: stopped early after {self.batches} batches this run, "
                     f"{self.remaining} to go; continue with: spmdinfer run JOB --resume "
                     f"(exit code {EXIT_STOPPED})")
-        return (f"spmdinfer: {self.rows} rows, {self.batches} batches, {self.seconds:.2f} s "
+        resumed = "" if self.rows_done in (None, self.rows) else f" ({self.rows_done} this run)"
+        return (f"spmdinfer: {self.rows} rows{resumed}, {self.batches} batches, {self.seconds:.2f} s "
                 f"(load {self.load_seconds:.2f} s), {self.rows_per_second:.1f} rows/s "
                 f"-> {self.output}")
 
@@ -123,11 +127,18 @@ def _report(world: Channel, summary: RunSummary, metrics: Path | None, trace: Pa
 def _catch_stop_signals(peers: Peers) -> dict:
     """SIGTERM and SIGUSR1 (sbatch --signal): finish the batch in flight, commit, stop.
     A second one exits at once; committed batches are safe on disk either way."""
+    first = []
+
     def handler(signum, frame):
-        if peers.signalled:
+        # Under Slurm a rank may get one stop signal from Slurm and one from mpiexec within
+        # milliseconds: only a signal well after the first means "now".
+        if first and time.monotonic() - first[0] > REPEAT_SIGNAL_SECONDS:
             os._exit(EXIT_STOPPED)
-        peers.signalled = True
-        log.warning("received %s: stopping after the batches in flight", signal.Signals(signum).name)
+        if not first:
+            first.append(time.monotonic())
+            peers.signalled = True
+            log.warning("received %s: stopping after the batches in flight",
+                        signal.Signals(signum).name)
 
     if threading.current_thread() is not threading.main_thread():
         return {}
@@ -185,7 +196,7 @@ class _Run:
                 self.collector.drain()
             self.world.flush()
             self.watchdog.stop()
-            outcome, remaining, batches = self._finish(identities, rows, starts)
+            outcome, remaining, batches, done = self._finish(identities, rows, starts)
         except BaseException as exc:
             raise self._fail(exc) from None
         finally:
@@ -193,7 +204,8 @@ class _Run:
                 self.reader.close()
             self._release()
         return RunSummary(rows, batches, time.monotonic() - started, loaded - started,
-                          self.spec.output.file, outcome=outcome, remaining=remaining)
+                          self.spec.output.file, outcome=outcome, remaining=remaining,
+                          rows_done=done)
 
     def _fail(self, exc: BaseException) -> BaseException:
         """Tell the other ranks (unless they told us) and return what this rank raises.
@@ -430,19 +442,20 @@ class _Run:
 
     # The end.
 
-    def _finish(self, identities: list, rows: int, starts: list[int]) -> tuple[str, int, int]:
+    def _finish(self, identities: list, rows: int, starts: list[int]) -> tuple[str, int, int, int]:
         """Rank 0 assembles the output once every batch is committed; every rank learns the
-        outcome ("complete" or "stopped"), the batches still to do and those done this run."""
+        outcome ("complete" or "stopped"), the batches still to do, and the batches and rows
+        done this run."""
         error = result = None
         if self.world.is_root:
             try:
                 remaining = len(set(starts) - self.journal.committed())
                 if remaining:
                     self.journal.forget_attempts(self.counted)
-                    result = ("stopped", remaining, self.collector.commits)
+                    result = ("stopped", remaining, self.collector.commits, self.collector.rows)
                 else:
                     self._assemble(identities, rows, len(starts))
-                    result = ("complete", 0, self.collector.commits)
+                    result = ("complete", 0, self.collector.commits, self.collector.rows)
             except Exception as exc:
                 error = _failure(exc, self.info)[0]
         self.world.agree(error)
@@ -506,6 +519,7 @@ class _Collector:
         self._receivers = {s: PacketReceiver(world, s) for s in sorted(sources - {0})}
         self._busy = False
         self.commits = 0
+        self.rows = 0
         self._committer = Committer(self._commit)
 
     def _commit(self, start: int, arrays: Sequence[np.ndarray]) -> None:
@@ -527,6 +541,7 @@ class _Collector:
     def _count(self, rows: list[int]) -> None:
         for done in rows:  # progress shows committed batches only
             self.commits += 1
+            self.rows += done
             self.progress.update(done)
         self.lock.refresh()
 

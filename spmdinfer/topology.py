@@ -112,7 +112,7 @@ def discover(comm, spec: JobSpec) -> RankInfo:
         local_rank, local_size = node.rank, node.size
     finally:
         node.Free()
-    local_rank = env_local_rank(local_rank)
+    local_rank = env_local_rank(local_rank, comm.rank)
     return RankInfo(layout=layout, local_rank=local_rank, local_size=local_size,
                     host=node_name(), device_id=device_for(spec.device, local_rank),
                     threads=threads_for(spec.device, local_size))
@@ -123,10 +123,17 @@ def node_name() -> str:
     return os.environ.get("SLURMD_NODENAME") or socket.gethostname()
 
 
-def env_local_rank(default: int) -> int:
-    """The node-local rank the launcher exported, else `default`."""
+def env_local_rank(default: int, rank: int | None = None) -> int:
+    """The node-local rank the launcher exported, else `default`.
+
+    SLURM_LOCALID counts only when Slurm started this very rank (SLURM_PROCID is the MPI
+    rank): under mpiexec inside an allocation every rank inherits the batch step's 0.
+    """
     for name in LOCAL_RANK_VARIABLES:
         value = os.environ.get(name, "")
+        if name == "SLURM_LOCALID" and rank is not None and \
+                os.environ.get("SLURM_PROCID", "") != str(rank):
+            continue
         if value.isdigit():
             return int(value)
     return default

@@ -25,6 +25,10 @@ def test_local_rank_comes_from_the_launcher_in_order(monkeypatch):
     assert env_local_rank(7) == 2
     monkeypatch.setenv("SLURM_LOCALID", "1")
     assert env_local_rank(7) == 1
+    # Under mpiexec inside an allocation every rank inherits the batch step's SLURM_LOCALID:
+    # it counts only for the rank Slurm itself started.
+    monkeypatch.setenv("SLURM_PROCID", "0")
+    assert env_local_rank(7, rank=0) == 1 and env_local_rank(7, rank=5) == 2
 
 
 def test_visible_devices_are_indexed(monkeypatch):
@@ -40,14 +44,15 @@ def test_visible_devices_are_indexed(monkeypatch):
 
 
 def simulated_nodes(job, nodes: int, per_node: int, extra_env=()):
-    """mpiexec in MPMD form: every rank gets its node's name and its node-local rank, as
-    Slurm would export them (SLURMD_NODENAME, SLURM_LOCALID)."""
+    """mpiexec in MPMD form: every rank gets its node's name, its rank and its node-local
+    rank, as srun would export them (SLURMD_NODENAME, SLURM_PROCID, SLURM_LOCALID)."""
     command = [MPIEXEC]
     for rank in range(nodes * per_node):
         if rank:
             command.append(":")
         command += ["-n", "1", "-env", "SLURMD_NODENAME", f"n{rank // per_node}",
-                    "-env", "SLURM_LOCALID", str(rank % per_node), "-env", "SPMDINFER_LOG_LEVEL", "INFO"]
+                    "-env", "SLURM_PROCID", str(rank), "-env", "SLURM_LOCALID", str(rank % per_node),
+                    "-env", "SPMDINFER_LOG_LEVEL", "INFO"]
         for name, value in extra_env:
             command += ["-env", name, value]
         command += [sys.executable, "-m", "spmdinfer", "run", str(job)]

@@ -1,0 +1,279 @@
+"""The slurm/ scripts under a real Slurm: sbatch them on a one-node cluster, compare with numpy.
+
+The cluster (tests/slurm_cluster.py) is Debian's slurmctld, slurmd and munged, started here
+as root on this machine's one node with 8 CPUs declared. The multi-node script runs with
+--nodes=1: its launch paths (srun --mpi=pmi2, and mpiexec over srun) are real, but no
+rank here ever talks to another node.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+from tests.conftest import REPO, export_mindir, dynamic, read_h5, run_cli, write_h5, write_job
+from tests.slurm_cluster import SlurmCluster, SlurmError
+
+SCRIPTS = REPO / "slurm"
+VENV_BIN = Path(sys.executable).parent
+DEMO_WEIGHT = np.full((96, 16), 0.5, np.float32)   # jobs/matmul/export.py
+
+
+@pytest.fixture(scope="session")
+def slurm(tmp_path_factory):
+    cluster = SlurmCluster(tmp_path_factory.mktemp("slurm"))
+    try:
+        try:
+            cluster.start()
+        except SlurmError as exc:
+            pytest.fail(f"could not start the test Slurm: {exc}", pytrace=False)
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+def job_env(**variables) -> dict:
+    """The environment sbatch exports to the job: this Python's bin folder first on PATH."""
+    return {"PATH": f"{VENV_BIN}{os.pathsep}{os.environ['PATH']}", "GLOG_v": "3",
+            "SPMDINFER_LOG_LEVEL": "INFO", **variables}
+
+
+def demo_tree(tmp_path: Path, rows: int, seed: int) -> tuple[Path, np.ndarray]:
+    """A folder laid out like the repository (jobs/matmul/) with random demo inputs."""
+    root = tmp_path / "submit"
+    shutil.copytree(REPO / "jobs" / "matmul", root / "jobs" / "matmul",
+                    ignore=shutil.ignore_patterns("out", ".*"))
+    x = np.random.default_rng(seed).standard_normal((rows, 96)).astype(np.float32)
+    write_h5(root / "jobs" / "matmul" / "inputs.h5", {"features": x})
+    return root, x
+
+
+def finished(slurm: SlurmCluster, job_id: str, log: Path, timeout: float = 240) -> str:
+    """Wait for the job; assert it COMPLETED with exit code 0; return its log."""
+    try:
+        records = slurm.wait(job_id, timeout=timeout)
+    except SlurmError as exc:
+        raise AssertionError(f"{exc}\n--- job log\n{_read(log)}") from None
+    for record in records:
+        state = (record["JobState"], record["ExitCode"])
+        assert state == ("COMPLETED", "0:0"), (record, _read(log))
+    return _read(log)
+
+
+def _read(path: Path) -> str:
+    return path.read_text(errors="replace") if path.exists() else f"(no {path})"
+
+
+def local_ranks(log: str) -> list[tuple[int, int]]:
+    """(node-local rank, ranks on the node) of every rank, from SPMDINFER_LOG_LEVEL=INFO lines."""
+    return sorted((int(r), int(n)) for r, n in re.findall(r"\(local (\d+)/(\d+)\)", log))
+
+
+def assert_demo_output(path: Path, x: np.ndarray) -> None:
+    y = read_h5(path, "/y")
+    assert y.shape == (len(x), 16) and y.dtype == np.float32
+    np.testing.assert_allclose(y, -(x @ DEMO_WEIGHT), rtol=1e-5, atol=1e-4)
+
+
+def test_single_node_script_word_for_word(slurm, tmp_path):
+    # Submitted as docs/slurm.md says, from a folder laid out like the repository, with
+    # none of the script's variables set: only PATH finds this Python's spmdinfer and mpiexec.
+    root, x = demo_tree(tmp_path, rows=300, seed=10)
+    job_id = slurm.sbatch(SCRIPTS / "single-node.sbatch", cwd=root, env=job_env())
+    log = finished(slurm, job_id, root / f"spmdinfer-{job_id}.out")
+    assert_demo_output(root / "jobs" / "matmul" / "out" / "result.h5", x)
+    assert "spmdinfer: 300 rows, 3 batches," in log, log
+    # Each rank sees its own node-local rank (its device), not hydra's SLURM_LOCALID=0.
+    assert local_ranks(log) == [(r, 8) for r in range(8)], log
+
+
+@pytest.mark.parametrize("launcher", ["srun", "mpiexec"])
+def test_multi_node_script_on_one_node(slurm, tmp_path, launcher):
+    root, x = demo_tree(tmp_path, rows=257, seed=11)
+    job = root / "jobs" / "matmul" / "job.toml"
+    job_id = slurm.sbatch(SCRIPTS / "multi-node.sbatch", "--nodes=1", "--ntasks-per-node=8",
+                          cwd=root, env=job_env(JOB=str(job), VENV_BIN=str(VENV_BIN),
+                                                LAUNCHER=launcher))
+    log = finished(slurm, job_id, root / f"spmdinfer-{job_id}.out")
+    assert_demo_output(root / "jobs" / "matmul" / "out" / "result.h5", x)
+    command = "srun --mpi=pmi2" if launcher == "srun" else "mpiexec -launcher slurm"
+    assert f"1 node(s), {command} " in log, log
+    assert "spmdinfer: 257 rows, 3 batches," in log, log
+    assert local_ranks(log) == [(r, 8) for r in range(8)], log
+
+
+def mpich_shm(key: str) -> str:
+    """MPICH's name for a node's shared memory: FNV-1a of its PMI job id ("JOBID.STEP" under srun)."""
+    value = 2166136261
+    for byte in key.encode():
+        value = ((value ^ byte) * 16777619) & 0xffffffff
+    return f"mpich_shm_{value:x}_0"
+
+
+def test_multi_node_srun_removes_this_jobs_stale_shared_memory(slurm, tmp_path):
+    # A requeued job keeps its id, so its steps' shared memory names repeat; one left by a
+    # rank killed in an earlier run (here: zeros, as if its creator died at once) would be
+    # attached by the new ranks, which then fail in MPI_Init.
+    root, x = demo_tree(tmp_path, rows=100, seed=15)
+    job_id = slurm.sbatch(SCRIPTS / "multi-node.sbatch", "--hold", "--nodes=1",
+                          "--ntasks-per-node=8", cwd=root,
+                          env=job_env(VENV_BIN=str(VENV_BIN), LAUNCHER="srun"))
+    stale = [Path("/dev/shm") / mpich_shm(f"{job_id}.{step}") for step in range(3)]
+    try:
+        for path in stale:
+            path.write_bytes(bytes(2 << 20))
+        slurm.command("scontrol", "release", job_id)
+        finished(slurm, job_id, root / f"spmdinfer-{job_id}.out", timeout=120)
+        assert not [path for path in stale if path.exists()]
+    finally:
+        for path in stale:
+            path.unlink(missing_ok=True)
+    assert_demo_output(root / "jobs" / "matmul" / "out" / "result.h5", x)
+
+
+def test_array_script_one_task_per_input(slurm, tmp_path):
+    root, _ = demo_tree(tmp_path, rows=1, seed=0)
+    rng = np.random.default_rng(12)
+    inputs = {"a": rng.standard_normal((130, 96)).astype(np.float32),
+              "b": rng.standard_normal((64, 96)).astype(np.float32)}
+    (root / "data").mkdir()
+    for name, x in inputs.items():
+        write_h5(root / "data" / f"{name}.h5", {"features": x})
+    # A relative and an absolute path, a comment and a blank line.
+    (root / "inputs.txt").write_text(f"# the inputs\ndata/a.h5\n\n{root / 'data' / 'b.h5'}\n")
+    # The script's defaults: jobs/matmul/array.toml, inputs.txt, scores/.
+    job_id = slurm.sbatch(SCRIPTS / "array.sbatch", "--array=0-1", cwd=root, env=job_env())
+    records = slurm.wait(job_id)
+    logs = {r["ArrayTaskId"]: root / f"spmdinfer-{job_id}_{r['ArrayTaskId']}.out" for r in records}
+    text = "\n".join(path.read_text() for path in logs.values() if path.exists())
+    assert sorted(logs) == ["0", "1"], records
+    assert all((r["JobState"], r["ExitCode"]) == ("COMPLETED", "0:0") for r in records), text
+    for name, x in inputs.items():
+        assert_demo_output(root / "scores" / f"{name}.h5", x)
+        with h5py.File(root / "scores" / f"{name}.h5", "r") as f:
+            assert f.attrs["input_file"] == str(root / "data" / f"{name}.h5")
+    # The filled-in job files are removed once their task has finished.
+    assert not list((root / "jobs" / "matmul").glob(".array.*.toml"))
+
+
+ROWS, BATCH = 20000, 16
+
+
+@pytest.fixture(scope="module")
+def long_run(tmp_path_factory):
+    """A job of 1250 small batches on 2 column slices, and its output from a plain, uninterrupted
+    `mpiexec -n 2` run: (slice template, input rows, weight, reference output)."""
+    from tests.cells import MatMulNeg
+
+    folder = tmp_path_factory.mktemp("long_run")
+    weight = np.random.default_rng(13).standard_normal((96, 16)).astype(np.float32)
+    for rank in range(2):
+        export_mindir(MatMulNeg(weight[:, 8 * rank:8 * rank + 8]), [dynamic(96)],
+                      folder / f"slice{rank}.mindir")
+    template = folder / "slice{rank}.mindir"
+    x = np.random.default_rng(14).standard_normal((ROWS, 96)).astype(np.float32)
+    reference = long_job(folder / "reference", template, x)
+    result = run_cli("run", reference, "--no-progress", n=2)
+    assert result.returncode == 0, (result.stdout, result.stderr)
+    return template, x, weight, read_h5(reference.parent / "out" / "result.h5", "/y")
+
+
+def long_job(folder: Path, template: Path, x: np.ndarray) -> Path:
+    folder.mkdir(parents=True)
+    write_h5(folder / "in.h5", {"x": x})
+    return write_job(folder, {
+        "model": {"files": str(template), "ranks": 2, "backend": "mindspore"},
+        "input": {"file": "in.h5", "batch_size": BATCH, "datasets": {"x": "/x"}},
+        "output": {"file": "out/result.h5", "datasets": {"y": "/y"},
+                   "combine": {"y": "concat:-1"}},
+    })
+
+
+def wait_until_scoring(slurm: SlurmCluster, job_id: str, output: Path) -> None:
+    """Until a quarter of the batches are committed (one file each in FILE.parts/), or 30 s."""
+    slurm.wait(job_id, timeout=60, until=lambda records: records[0]["JobState"] != "PENDING")
+    started = time.monotonic()
+    parts = output.with_name(output.name + ".parts")
+    while time.monotonic() - started < 30:
+        if parts.is_dir() and len(os.listdir(parts)) >= ROWS // BATCH // 4:
+            return
+        if slurm.jobs(job_id)[0]["JobState"] != "RUNNING":
+            return
+        time.sleep(0.1)
+
+
+@pytest.mark.parametrize("script,launcher,action", [
+    ("single-node.sbatch", "mpiexec", "USR1"),
+    ("multi-node.sbatch", "srun", "USR1"),
+    # Slurm's own requeue, as preemption with PreemptMode=REQUEUE does it: TERM to every
+    # process of the job, the ranks included, and Slurm requeues the job itself.
+    ("multi-node.sbatch", "srun", "requeue"),
+], ids=["single-node-mpiexec-USR1", "multi-node-srun-USR1", "multi-node-srun-scontrol-requeue"])
+def test_preempted_job_is_requeued_and_resumes(slurm, tmp_path, long_run, script, launcher,
+                                               action):
+    """Stopped mid-run (USR1 to the batch shell is what --signal=B:USR1@N sends before the
+    time limit): the ranks stop at a batch boundary and exit 75, the job is requeued, the
+    requeued job runs `spmdinfer run JOB --resume`, and the output equals the uninterrupted
+    run's."""
+    template, x, weight, reference = long_run
+    job = long_job(tmp_path / "slurm", template, x)
+    output = job.parent / "out" / "result.h5"
+    job_id = slurm.sbatch(SCRIPTS / script, "--nodes=1", "--ntasks-per-node=2", cwd=job.parent,
+                          env=job_env(JOB=str(job), VENV_BIN=str(VENV_BIN), LAUNCHER=launcher))
+    wait_until_scoring(slurm, job_id, output)
+    if action == "requeue":
+        slurm.command("scontrol", "requeue", job_id)
+    else:
+        slurm.command("scancel", f"--signal={action}", "--batch", job_id)
+
+    log = finished(slurm, job_id, job.parent / f"spmdinfer-{job_id}.out", timeout=300)
+    (record,) = slurm.jobs(job_id)
+    assert record["Restarts"] == "1", (record, log)
+    assert "stopping after the batches in flight" in log, log
+    if action == "requeue":
+        assert "got TERM" in log and "requeueing job" not in log, log
+    else:
+        assert "got USR1" in log and f"requeueing job {job_id}" in log, log
+    assert re.search(r"restart 1: .*spmdinfer run \S+ --resume", log), log
+    # The requeued run scored only the batches the first one had not committed.
+    summary = re.search(r"spmdinfer: (\d+) rows, (\d+) batches", log)
+    assert summary and int(summary[1]) == ROWS and 0 < int(summary[2]) < ROWS // BATCH, log
+    with h5py.File(output, "r") as f:
+        y = f["y"][()]
+    assert y.dtype == reference.dtype and np.array_equal(y, reference)
+    assert sorted(os.listdir(output.parent)) == ["result.h5"]   # no parts, lock or partial left
+    np.testing.assert_allclose(y, -(x @ weight), rtol=1e-5, atol=1e-4)
+
+
+def test_cancelled_job_stays_cancelled_and_resumes_when_resubmitted(slurm, tmp_path, long_run):
+    """scancel mid-run: the ranks stop at a batch boundary, the script does not requeue the
+    job, and submitting it again with EXTRA_ARGS=--resume finishes it (as docs/slurm.md says)."""
+    template, x, weight, reference = long_run
+    job = long_job(tmp_path / "slurm", template, x)
+    output = job.parent / "out" / "result.h5"
+    env = job_env(JOB=str(job), VENV_BIN=str(VENV_BIN))
+    first = slurm.sbatch(SCRIPTS / "single-node.sbatch", "--ntasks-per-node=2", cwd=job.parent,
+                         env=env)
+    wait_until_scoring(slurm, first, output)
+    slurm.command("scancel", first)
+    (record,) = slurm.wait(first)
+    assert (record["JobState"], record["Restarts"]) == ("CANCELLED", "0"), record
+    assert not output.exists()
+
+    second = slurm.sbatch(SCRIPTS / "single-node.sbatch", "--ntasks-per-node=2", cwd=job.parent,
+                          env={**env, "EXTRA_ARGS": "--resume"})
+    log = finished(slurm, second, job.parent / f"spmdinfer-{second}.out", timeout=300)
+    first_log = _read(job.parent / f"spmdinfer-{first}.out")
+    assert "got TERM" in first_log and "requeueing" not in first_log, first_log
+    assert "after scancel, resubmit with EXTRA_ARGS=--resume" in first_log, first_log
+    summary = re.search(r"spmdinfer: (\d+) rows, (\d+) batches", log)
+    assert summary and int(summary[1]) == ROWS and 0 < int(summary[2]) < ROWS // BATCH, log
+    assert np.array_equal(read_h5(output, "/y"), reference)
