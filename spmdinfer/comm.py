@@ -8,12 +8,14 @@ Every wait for a peer goes through `Channel.wait`, which tests a nonblocking
 request, checks the job-wide failure notices (`Peers`) and sleeps with a growing
 backoff between tests: ranks that wait do not burn a core when ranks outnumber
 cores, and no rank waits forever for a peer that has failed. Once a polite
-rendezvous shows every rank of a group is present, bulk transfers use the
-blocking calls, which then run at full speed.
+rendezvous shows every rank of a group is present, bulk transfers test without
+sleeping (they are moving), still checking for failure notices: a rank never sits
+in a blocking call that a failed peer will not join.
 """
 
 from __future__ import annotations
 
+import os
 import socket
 import time
 from collections import deque
@@ -126,8 +128,12 @@ class Channel:
 
     # Waiting.
 
-    def wait(self, request) -> None:
-        """Complete `request`, sleeping between tests; raise PeerFailed if a peer failed."""
+    def wait(self, request, busy: bool = False) -> None:
+        """Complete `request`, sleeping between tests; raise PeerFailed if a peer failed.
+
+        `busy`: a bulk transfer already under way, which MPI moves forward only inside
+        tests: test without sleeping, yielding the core to any rank that has work.
+        """
         if request.Test():
             return
         began = time.time()
@@ -136,7 +142,9 @@ class Channel:
             self.peers.check()
             if self.idle is not None:
                 self.idle()
-            if time.time() - began > SPIN_SECONDS:
+            if busy:
+                os.sched_yield()
+            elif time.time() - began > SPIN_SECONDS:
                 time.sleep(delay)
                 delay = min(delay * 2, MAX_DELAY)
         if self.recorder is not None:
@@ -188,11 +196,9 @@ class Channel:
         kind, start, rows, layout = unpack_header(header)
         if not self.is_root:
             arrays = [self._receive_buffer(k, dtype, shape) for k, (dtype, shape) in enumerate(layout)]
-        if any(a.nbytes for a in arrays):
-            self.barrier()  # the root's header left eagerly: wait until every rank is here
-            for array in arrays:
-                if array.nbytes:
-                    self.comm.Bcast(_bytes(array), root=ROOT)
+        for array in arrays:
+            if array.nbytes:
+                self.wait(self.comm.Ibcast(_bytes(array), root=ROOT), busy=True)
         return kind, start, rows, list(arrays)
 
     def _receive_buffer(self, slot: int, dtype: np.dtype, shape: tuple) -> np.ndarray:
@@ -256,12 +262,12 @@ class Channel:
         """Concatenate every rank's `array` (shapes known from the layouts) on the root."""
         counts = [int(np.prod(s)) * array.itemsize for s in shapes]
         if not self.is_root:
-            self.comm.Gatherv(_bytes(array), None, root=ROOT)
+            self.wait(self.comm.Igatherv(_bytes(array), None, root=ROOT), busy=True)
             return None
         received = np.empty(sum(counts), dtype=np.uint8)
         displacements = np.cumsum([0] + counts[:-1])
-        self.comm.Gatherv(_bytes(array), [received, counts, displacements, self._mpi.BYTE],
-                          root=ROOT)
+        self.wait(self.comm.Igatherv(_bytes(array), [received, counts, displacements,
+                                                     self._mpi.BYTE], root=ROOT), busy=True)
         parts = [received[d:d + c].view(array.dtype).reshape(s)
                  for d, c, s in zip(displacements, counts, shapes)]
         return np.concatenate(parts, axis=axis)
@@ -270,7 +276,7 @@ class Channel:
         """Elementwise sum of every rank's `array` on the root."""
         array = np.ascontiguousarray(array)
         result = np.empty_like(array) if self.is_root else None
-        self.comm.Reduce(array, result, op=self._mpi.SUM, root=ROOT)
+        self.wait(self.comm.Ireduce(array, result, op=self._mpi.SUM, root=ROOT), busy=True)
         return result
 
 

@@ -40,13 +40,14 @@ class Prefetcher:
                 buffer[:1] = 0  # a job with no rows predicts one zero row, to learn output shapes
             self._free.put(buffers)
         self._held = None
+        self._closed = False
         self._thread = threading.Thread(target=self._run, name="spmdinfer-prefetch", daemon=True)
         self._thread.start()
 
     def _run(self) -> None:
         for start in self._starts:
             buffers = self._free.get()
-            if buffers is None:
+            if buffers is None or self._closed:
                 return
             stop = min(start + self._batch_size, self._rows)
             try:
@@ -79,7 +80,10 @@ class Prefetcher:
         return item
 
     def close(self) -> None:
+        """Stop reading ahead and wait for a read in progress: the file may be closed next."""
+        self._closed = True
         self._free.put(None)
+        self._thread.join()
 
 
 class Committer:

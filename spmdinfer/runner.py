@@ -365,6 +365,7 @@ class _Run:
                 self.watchdog.kick()
                 if self.collector is not None:
                     self.collector.poll()  # other replicas' finished batches, between own batches
+                    self.collector.check()
                 packet = (DONE, 0, 0, [])
                 if group.is_root:
                     packet = self._next_packet(prefetcher)
@@ -518,6 +519,7 @@ class _Collector:
         sources = {layout.leader(replica, layout.stages - 1) for replica in range(layout.replicas)}
         self._receivers = {s: PacketReceiver(world, s) for s in sorted(sources - {0})}
         self._busy = False
+        self.error: Exception | None = None
         self.commits = 0
         self.rows = 0
         self._committer = Committer(self._commit)
@@ -546,8 +548,9 @@ class _Collector:
         self.lock.refresh()
 
     def poll(self) -> None:
-        """Commit whatever has arrived; never blocks."""
-        if self._busy:
+        """Commit whatever has arrived; never blocks, never raises (it runs inside waits that
+        others take part in): a failure is kept for `check`."""
+        if self._busy or self.error is not None:
             return
         self._busy = True  # waits inside a commit must not poll again
         try:
@@ -562,16 +565,25 @@ class _Collector:
                     continue
                 self.write(start, arrays)
                 self._receivers[source] = PacketReceiver(self.world, source)
+        except Exception as exc:
+            self.error = exc
         finally:
             self._busy = False
+
+    def check(self) -> None:
+        """Raise what went wrong while committing, at a point where every rank can follow."""
+        if self.error is not None:
+            raise self.error
 
     def drain(self) -> None:
         """Wait, politely, until every replica has said it is done and all is committed."""
         try:
             while self._receivers:
                 self.poll()
+                self.check()
                 if self._receivers:
                     self.world.wait(next(iter(self._receivers.values())).request)
+            self.check()
             self._count(self._committer.close())
         finally:
             self.progress.close()

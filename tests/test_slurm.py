@@ -244,8 +244,9 @@ def test_preempted_job_is_requeued_and_resumes(slurm, tmp_path, long_run, script
         assert "got USR1" in log and f"requeueing job {job_id}" in log, log
     assert re.search(r"restart 1: .*spmdinfer run \S+ --resume", log), log
     # The requeued run scored only the batches the first one had not committed.
-    summary = re.search(r"spmdinfer: (\d+) rows, (\d+) batches", log)
-    assert summary and int(summary[1]) == ROWS and 0 < int(summary[2]) < ROWS // BATCH, log
+    summary = re.search(r"spmdinfer: (\d+) rows \((\d+) this run\), (\d+) batches", log)
+    assert summary and int(summary[1]) == ROWS and 0 < int(summary[3]) < ROWS // BATCH, log
+    assert int(summary[2]) == int(summary[3]) * BATCH, log
     with h5py.File(output, "r") as f:
         y = f["y"][()]
     assert y.dtype == reference.dtype and np.array_equal(y, reference)
@@ -274,6 +275,7 @@ def test_cancelled_job_stays_cancelled_and_resumes_when_resubmitted(slurm, tmp_p
     first_log = _read(job.parent / f"spmdinfer-{first}.out")
     assert "got TERM" in first_log and "requeueing" not in first_log, first_log
     assert "after scancel, resubmit with EXTRA_ARGS=--resume" in first_log, first_log
-    summary = re.search(r"spmdinfer: (\d+) rows, (\d+) batches", log)
-    assert summary and int(summary[1]) == ROWS and 0 < int(summary[2]) < ROWS // BATCH, log
+    summary = re.search(r"spmdinfer: (\d+) rows \((\d+) this run\), (\d+) batches", log)
+    assert summary and int(summary[1]) == ROWS and 0 < int(summary[3]) < ROWS // BATCH, log
+    assert int(summary[2]) == int(summary[3]) * BATCH, log
     assert np.array_equal(read_h5(output, "/y"), reference)
