@@ -153,8 +153,9 @@ def code_state() -> str:
 
     commit = git("rev-parse", "--short", "HEAD") or "unknown"
     changed = git("status", "--porcelain", "--", "spmdinfer").splitlines()
-    dirty = f" + uncommitted changes to {', '.join(line[3:] for line in changed)}" if changed else ""
-    return f"spmdinfer {spmdinfer.__version__} at git {commit}{dirty}"
+    dirty = ", ".join(line[3:] for line in changed)
+    return (f"spmdinfer {spmdinfer.__version__} at git {commit}"
+            + (f" + uncommitted changes to {dirty}" if dirty else ""))
 
 
 class CpuWatch:
@@ -175,8 +176,9 @@ class CpuWatch:
         fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
         user, nice, system, idle, iowait, irq, softirq, steal = (fields + [0] * 8)[:8]
         tick = os.sysconf("SC_CLK_TCK")
-        own = sum(getattr(resource.getrusage(who), f) for who in
-                  (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN) for f in ("ru_utime", "ru_stime"))
+        own = sum(getattr(resource.getrusage(who), field)
+                  for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)
+                  for field in ("ru_utime", "ru_stime"))
         busy = (user + nice + system + irq + softirq) / tick
         total = (user + nice + system + idle + iowait + irq + softirq + steal) / tick
         return busy, own, steal / tick, total

@@ -158,22 +158,24 @@ def warm(path: Path) -> None:
 # One run of each loop, reduced to what the report needs.
 
 def spmdinfer_sample(data: Path, job: Path, n: int, idle: float) -> dict:
-    warm(data)
-    wait_for_idle(idle)
-    watch = CpuWatch()
-    metrics = run_spmdinfer_metrics(job, n)
-    return {"other": watch.share(), "rate": metrics["rows_per_second"], "loop": metrics["wall_seconds"] - metrics["load_seconds"],
-            "rss0": metrics["ranks"][0]["peak_rss_bytes"],
-            "seconds": [r["seconds"] for r in metrics["ranks"]]}
+    return measured(data, idle, lambda: run_spmdinfer_metrics(job, n),
+                    lambda m: m["wall_seconds"] - m["load_seconds"])
 
 
 def plain_sample(data: Path, job: Path, n: int, idle: float) -> dict:
+    return measured(data, idle, lambda: run_mpi_json(HERE / "plain_loop.py", [job], n),
+                    lambda m: m["loop_seconds"])
+
+
+def measured(data: Path, idle: float, run, loop_seconds) -> dict:
+    """One run on a warm input and (up to `idle` s) an idle machine: rows/s, loop seconds,
+    rank 0's peak RSS, every rank's seconds per activity, and the CPU share others took."""
     warm(data)
     wait_for_idle(idle)
     watch = CpuWatch()
-    result = run_mpi_json(HERE / "plain_loop.py", [job], n)
-    return {"other": watch.share(), "rate": result["rows_per_second"], "loop": result["loop_seconds"],
-            "rss0": result["ranks"][0]["peak_rss_bytes"],
+    result = run()
+    return {"other": watch.share(), "rate": result["rows_per_second"],
+            "loop": loop_seconds(result), "rss0": result["ranks"][0]["peak_rss_bytes"],
             "seconds": [r["seconds"] for r in result["ranks"]]}
 
 
