@@ -381,9 +381,7 @@ class OutputWriter:
         self._spec = spec
         self._rows = rows
         self._batch_size = batch_size
-        self._made_dirs = [p for p in reversed(spec.file.parents) if not p.exists()]
-        spec.file.parent.mkdir(parents=True, exist_ok=True)
-        self._file = h5py.File(self.temp_path, "w")
+        self._file = h5py.File(self.temp_path, "w")  # the runner made the folder with the lock
         self._datasets = None
 
     def write(self, start: int, arrays: Sequence[np.ndarray]) -> None:
@@ -415,13 +413,8 @@ class OutputWriter:
         os.replace(self.temp_path, self.path)
 
     def discard(self) -> None:
-        """Close and remove everything this writer created."""
+        """Close and remove the unfinished file."""
         try:
             self._file.close()
         finally:
             self.temp_path.unlink(missing_ok=True)
-            for folder in reversed(self._made_dirs):
-                try:
-                    folder.rmdir()
-                except OSError:
-                    break
