@@ -19,6 +19,7 @@ import h5py
 import numpy as np
 import pytest
 
+from spmdinfer.journal import committed_batches
 from tests.conftest import REPO, export_mindir, dynamic, read_h5, run_cli, write_h5, write_job
 from tests.slurm_cluster import SlurmCluster, SlurmError
 
@@ -198,12 +199,11 @@ def long_job(folder: Path, template: Path, x: np.ndarray) -> Path:
 
 
 def wait_until_scoring(slurm: SlurmCluster, job_id: str, output: Path) -> None:
-    """Until a quarter of the batches are committed (one file each in FILE.parts/), or 30 s."""
+    """Until a quarter of the batches are committed (records in FILE.parts/batches.log), or 30 s."""
     slurm.wait(job_id, timeout=60, until=lambda records: records[0]["JobState"] != "PENDING")
     started = time.monotonic()
-    parts = output.with_name(output.name + ".parts")
     while time.monotonic() - started < 30:
-        if parts.is_dir() and len(os.listdir(parts)) >= ROWS // BATCH // 4:
+        if committed_batches(output) >= ROWS // BATCH // 4:
             return
         if slurm.jobs(job_id)[0]["JobState"] != "RUNNING":
             return
