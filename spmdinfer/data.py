@@ -17,6 +17,7 @@ from .spec import InputSpec, OutputSpec
 
 INPUT_CHUNK_CACHE = 64 * 1024 * 1024   # bytes of HDF5 chunk cache per input dataset
 MAX_CHUNK_BYTES = 4 * 1024 * 1024      # output chunks: one batch of rows, capped at this size
+SLAB_BYTES = 4 * 1024 * 1024           # output rows held back to be written in one call
 PARTIAL_SUFFIX = ".partial"
 
 NUMERIC_KINDS = "biufc"                # bool, int, uint, float, complex
@@ -59,6 +60,10 @@ class InputReader:
     absurd declared sizes (see `check_declared_size`); and a batch too big for the
     node's memory (see `check_batch_memory`). Values are never looked at: NaN and Inf
     pass through, and a dataset with 0 rows is fine.
+
+    Datasets whose stored bytes are the values as they are (contiguous, or chunked whole
+    rows without filters, in the buffer's dtype) are read with os.preadv on a file
+    descriptor of their own, without the GIL (`direct`, `direct_rows`); the rest by h5py.
     """
 
     def __init__(self, spec: InputSpec, ranks_on_node: int | None = None):
@@ -84,9 +89,40 @@ class InputReader:
             check_batch_memory(self.fields, self.rows, spec.batch_size,
                                ranks_on_node or launcher_ranks_on_node())
             self._datasets = [with_chunk_cache(ds, spec.batch_size) for ds in self._datasets]
+            self._fd = None
+            self._direct = self._open_direct()
         except BaseException:
+            self._close_fd()
             self._file.close()
             raise
+
+    @property
+    def direct(self) -> list[bool]:
+        """Per dataset: True where its rows are read with os.preadv (without the GIL), False
+        where h5py reads them. A direct dataset still goes through h5py for a batch that
+        touches a chunk never written (fill values) or a buffer whose dtype differs."""
+        return [source is not None for source in self._direct]
+
+    def _open_direct(self) -> list[DirectRows | None]:
+        """Which datasets can be read from the file's bytes as they are (see `direct_rows`);
+        opens the file descriptor they are read with when any can.
+
+        The bytes on disk are the truth because the input is open read-only: h5py and HDF5
+        only hold data that is not yet on disk (in their metadata, chunk or sieve caches) for
+        a file open for writing.
+        """
+        sources = [direct_rows(ds, self._file) for ds in self._datasets]
+        if not any(sources):
+            return sources
+        self._fd = os.open(self.file_path, os.O_RDONLY)
+        try:  # the path must still name the file h5py opened (not one renamed over it since)
+            same = os.path.samestat(os.fstat(self._fd), os.fstat(self._file.id.get_vfd_handle()))
+        except (OSError, ValueError, TypeError, RuntimeError):
+            same = False
+        if not same:
+            self._close_fd()
+            return [None] * len(sources)
+        return sources
 
     def _dataset(self, name: str, path: str):
         import h5py
@@ -113,13 +149,192 @@ class InputReader:
         return obj
 
     def read(self, start: int, stop: int, buffers: Sequence[np.ndarray]) -> None:
-        """Read rows [start, stop) of every dataset into the front of `buffers`."""
-        for dataset, buffer in zip(self._datasets, buffers):
-            if stop > start:
+        """Read rows [start, stop) of every dataset into the front of `buffers`.
+
+        Direct datasets are read with os.preadv, which releases the GIL, so a prefetch
+        thread reading them leaves the main thread alone; h5py holds the GIL for the whole
+        H5Dread. Call it from one thread at a time.
+        """
+        if stop <= start:
+            return
+        for dataset, source, buffer in zip(self._datasets, self._direct, buffers):
+            pieces = None
+            if source is not None and source.fits(buffer, stop - start):
+                pieces = source.pieces(start, stop)
+            if pieces is None:
                 dataset.read_direct(buffer, np.s_[start:stop], np.s_[0:stop - start])
+                continue
+            view = memoryview(buffer[:stop - start].reshape(-1).view(np.uint8))
+            for offset, size, into in pieces:
+                done = pread_into(self._fd, view[into:into + size], offset)
+                if done < size:
+                    raise DataError(f"[input] file {self.file_path}: dataset {dataset.name} rows "
+                                    f"{start}..{stop - 1}: the file ends at byte {offset + done}, "
+                                    f"{size - done} bytes short of the rows' data (was it "
+                                    f"truncated or replaced while the job runs?)")
+
+    def _close_fd(self) -> None:
+        fd, self._fd = getattr(self, "_fd", None), None
+        if fd is not None:
+            os.close(fd)
 
     def close(self) -> None:
-        self._file.close()
+        try:
+            self._close_fd()
+        finally:
+            self._file.close()
+
+
+DIRECT_SCAN_CHUNKS = 4096      # chunk addresses learned by the first scan of a chunked dataset
+DIRECT_MAX_CHUNKS = 2 ** 22    # more chunks than this (32 MiB of addresses): h5py reads them
+UNALLOCATED = -1               # a chunk never written: HDF5 returns its fill value
+# H5Dchunk_iter and H5Dget_chunk_info* report chunk addresses without the user block before
+# HDF5 1.14.4 (HDFGroup/hdf5#3003); H5Dget_offset always included it.
+CHUNK_ADDRESSES_INCLUDE_USERBLOCK = (1, 14, 4)
+
+
+def direct_rows(dataset, file) -> DirectRows | None:
+    """Where `dataset`'s rows lie in `file`, if the stored bytes are exactly the values h5py
+    would return, rows contiguous; None where h5py must read it.
+
+    Direct: contiguous storage that is allocated, and chunked storage with no filters whose
+    chunks span whole rows (chunk shape (k,) + row shape). Not direct: compact storage,
+    unallocated contiguous storage (all fill value), any filter (compression, shuffle,
+    fletcher32, ...), chunks splitting a row, a file type h5py converts to reach its dtype
+    (byte order, bit precision or padding, enum and compound layouts: compared with
+    H5Tequal), rows of 0 bytes, a file driver other than sec2 (its addresses may not be
+    offsets in the one file), and HDF5 without H5Dchunk_iter.
+    """
+    import h5py
+
+    if not hasattr(os, "preadv") or file.driver != "sec2":
+        return None
+    rows, row_shape = dataset.shape[0], tuple(dataset.shape[1:])
+    row_bytes = int(np.prod(row_shape, dtype=object)) * dataset.dtype.itemsize
+    if rows == 0 or row_bytes == 0:
+        return None
+    try:
+        if dataset.id.get_type() != h5py.h5t.py_create(dataset.dtype):
+            return None
+    except (TypeError, ValueError, RuntimeError):
+        return None
+    plist = dataset.id.get_create_plist()
+    if plist.get_nfilters() or dataset.external is not None or dataset.is_virtual:
+        return None
+    layout = plist.get_layout()
+    if layout == h5py.h5d.CONTIGUOUS:
+        # Checked first: with a user block, H5Dget_offset of unallocated storage is not None
+        # but HADDR_UNDEF plus the user block's size, wrapped around.
+        if dataset.id.get_space_status() != h5py.h5d.SPACE_STATUS_ALLOCATED:
+            return None
+        offset = dataset.id.get_offset()
+        return None if offset is None else DirectRows(dataset, row_bytes, offset=offset)
+    if layout != h5py.h5d.CHUNKED or tuple(dataset.chunks[1:]) != row_shape:
+        return None
+    if not hasattr(dataset.id, "chunk_iter"):
+        return None
+    if (file.id.get_create_plist().get_userblock()
+            and h5py.version.hdf5_version_tuple < CHUNK_ADDRESSES_INCLUDE_USERBLOCK):
+        return None
+    if -(-rows // dataset.chunks[0]) > DIRECT_MAX_CHUNKS:
+        return None
+    return DirectRows(dataset, row_bytes, chunk_rows=dataset.chunks[0])
+
+
+class DirectRows:
+    """The file offsets of one dataset's rows: one offset for contiguous storage; per chunk
+    for chunked storage, learned lazily.
+
+    Chunk addresses come from H5Dchunk_iter, scanning the chunk index from its start up to
+    the chunk needed, DIRECT_SCAN_CHUNKS at first and twice as far each time after: one
+    index scan costs about 1 us per chunk, so reading the whole dataset costs at most about
+    two scans, and a job that reads only its first batches never scans the rest. (The
+    lookup of a single chunk, H5Dget_chunk_info_by_coord, also scans the index from its
+    start: up to milliseconds per call with tens of thousands of chunks.)
+    """
+
+    def __init__(self, dataset, row_bytes: int, offset: int | None = None,
+                 chunk_rows: int | None = None):
+        self._dataset = dataset
+        self.dtype = dataset.dtype
+        self.row_shape = tuple(dataset.shape[1:])
+        self.row_bytes = row_bytes
+        self.rows = dataset.shape[0]
+        self.offset = offset                 # contiguous: the first row's offset
+        self.chunk_rows = chunk_rows         # chunked: rows per chunk
+        self.chunk_count = -(-dataset.shape[0] // chunk_rows) if chunk_rows else 0
+        self._chunks = np.empty(0, dtype=np.int64)  # offsets of chunks 0..len-1, or UNALLOCATED
+
+    def fits(self, buffer: np.ndarray, rows: int) -> bool:
+        """Whether `rows` rows can be copied into the front of `buffer` byte for byte."""
+        return (buffer.dtype == self.dtype and tuple(buffer.shape[1:]) == self.row_shape
+                and len(buffer) >= rows and buffer.flags.c_contiguous and buffer.flags.writeable)
+
+    def pieces(self, start: int, stop: int) -> list[tuple[int, int, int]] | None:
+        """(file offset, bytes, offset in the buffer) of rows [start, stop), merged where
+        adjacent in both the file and the buffer (usually one piece); None where a chunk was
+        never written (its rows are the fill value: h5py reads them) or rows out of range (h5py
+        says what is wrong)."""
+        if not 0 <= start < stop <= self.rows:
+            return None
+        size = self.row_bytes
+        if self.chunk_rows is None:
+            return [(self.offset + start * size, (stop - start) * size, 0)]
+        rows = self.chunk_rows
+        first, last = start // rows, (stop - 1) // rows
+        if last >= len(self._chunks):
+            self._scan(max(last + 1, 2 * len(self._chunks), DIRECT_SCAN_CHUNKS))
+        pieces: list[tuple[int, int, int]] = []
+        for index, base in enumerate(self._chunks[first:last + 1].tolist(), first):
+            if base == UNALLOCATED:
+                return None
+            low, high = max(start, index * rows), min(stop, (index + 1) * rows)
+            offset = base + (low - index * rows) * size
+            into, count = (low - start) * size, (high - low) * size
+            if pieces and pieces[-1][0] + pieces[-1][1] == offset and \
+                    pieces[-1][2] + pieces[-1][1] == into:
+                offset, count, into = pieces[-1][0], pieces[-1][1] + count, pieces[-1][2]
+                pieces.pop()
+            pieces.append((offset, count, into))
+        return pieces
+
+    def _scan(self, upto: int) -> None:
+        """Learn the offsets of chunks 0..upto-1 (capped at the chunk count).
+
+        A chunk the scan does not report stays UNALLOCATED, which only sends its batches to
+        h5py, so a missed chunk costs speed, never correctness; the scan stops at the first
+        chunk past `upto` only while the index has reported chunks in order.
+        """
+        upto = min(upto, self.chunk_count)
+        chunks = np.full(upto, UNALLOCATED, dtype=np.int64)
+        rows, whole = self.chunk_rows, self.chunk_rows * self.row_bytes
+        state = {"last": -1, "ordered": True}
+
+        def visit(info):
+            index = info.chunk_offset[0] // rows
+            state["ordered"] = state["ordered"] and index > state["last"]
+            state["last"] = index
+            if index >= upto:
+                return True if state["ordered"] else None
+            # Unfiltered chunks are stored whole, edge chunks too; anything else goes to h5py.
+            if info.byte_offset is not None and info.size == whole and not info.filter_mask:
+                chunks[index] = info.byte_offset
+            return None
+
+        self._dataset.id.chunk_iter(visit)
+        self._chunks = chunks
+
+
+def pread_into(fd: int, view: memoryview, offset: int) -> int:
+    """Read len(view) bytes at `offset` of `fd` into `view`, looping over short reads; returns
+    the bytes read, fewer only where the file ends first. os.preadv releases the GIL."""
+    done, size = 0, len(view)
+    while done < size:
+        got = os.preadv(fd, [view[done:]], offset + done)
+        if got == 0:
+            break
+        done += got
+    return done
 
 
 def with_chunk_cache(dataset, batch_size: int):
@@ -370,7 +585,15 @@ def check_output_path(spec: OutputSpec, overwrite: bool) -> None:
 
 
 class OutputWriter:
-    """Rank 0's output: written to FILE.partial, renamed to FILE by `finish`."""
+    """Rank 0's output: written to FILE.partial, renamed to FILE by `finish`.
+
+    Uncompressed datasets (the default) get all their chunks allocated when they are
+    created (HDF5's early allocation, never filled), so every row has a known place in
+    the file; each batch is written there with os.pwritev, which releases the GIL, and
+    HDF5 itself only writes the file's metadata. Compressed datasets go through h5py,
+    which holds the GIL for the whole of each call: consecutive batches are gathered into
+    slabs of up to SLAB_BYTES and written with one call per dataset.
+    """
 
     def __init__(self, spec: OutputSpec, rows: int, batch_size: int):
         """`spec.compression`: "" (none), "lzf", "gzip" or "gzip:LEVEL"."""
@@ -382,39 +605,150 @@ class OutputWriter:
         self._rows = rows
         self._batch_size = batch_size
         self._file = h5py.File(self.temp_path, "w")  # the runner made the folder with the lock
+        self._fd: int | None = None
         self._datasets = None
+        self._places: list[ChunkPlaces | None] = []
+        self._slab: list[Sequence[np.ndarray]] = []   # consecutive batches not yet written
+        self._slab_start = self._slab_stop = 0
+        self._slab_bytes = 0
+
+    @property
+    def direct(self) -> list[bool]:
+        """Per dataset: True where batches are written with os.pwritev, False through h5py."""
+        return [p is not None for p in self._places]
 
     def write(self, start: int, arrays: Sequence[np.ndarray]) -> None:
-        """Write one batch's combined outputs at rows [start, start + len)."""
+        """Write one batch's combined outputs at rows [start, start + len) (h5py datasets
+        perhaps later, with the batches that follow; `flush` or `finish` writes those)."""
         if self._datasets is None:
             self._datasets = [self._create(path, a) for (_, path), a in
                               zip(self._spec.datasets, arrays)]
-        for dataset, array in zip(self._datasets, arrays):
-            if len(array):
-                dataset[start:start + len(array)] = array
+            self._places = [ChunkPlaces.of(d, self._file) for d in self._datasets]
+            if any(self._places):
+                self._fd = os.open(self.temp_path, os.O_WRONLY)
+        for places, array in zip(self._places, arrays):
+            if places is not None and len(array):
+                places.write(self._fd, start, array)
+        if all(self._places):
+            return
+        if self._slab and start != self._slab_stop:
+            self.flush()
+        if not self._slab:
+            self._slab_start = self._slab_stop = start
+        self._slab.append(arrays)
+        self._slab_stop += len(arrays[0]) if arrays else 0
+        self._slab_bytes += sum(a.nbytes for a, p in zip(arrays, self._places) if p is None)
+        if self._slab_bytes >= SLAB_BYTES:
+            self.flush()
+
+    def flush(self) -> None:
+        """Write the batches held back for h5py."""
+        slab, self._slab, self._slab_bytes = self._slab, [], 0
+        if not slab or self._slab_stop == self._slab_start:
+            return
+        for k, (dataset, places) in enumerate(zip(self._datasets, self._places)):
+            if places is not None:
+                continue
+            parts = [batch[k] for batch in slab]
+            rows = parts[0] if len(parts) == 1 else np.concatenate(parts)
+            dataset[self._slab_start:self._slab_stop] = rows
 
     def _create(self, path: str, sample: np.ndarray):
+        import h5py
+
         row_shape = sample.shape[1:]
         row_bytes = max(1, int(np.prod(row_shape)) * sample.itemsize)
         chunk_rows = max(1, min(self._batch_size, self._rows, MAX_CHUNK_BYTES // row_bytes))
-        filters = {}
+        options = {}
         if self._spec.compression and self._rows:
             name, _, level = self._spec.compression.partition(":")
-            filters = {"compression": name, "compression_opts": int(level) if level else None}
+            options = {"compression": name, "compression_opts": int(level) if level else None}
+        elif self._rows:
+            dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
+            dcpl.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)  # every chunk has its place now
+            options = {"dcpl": dcpl, "fill_time": "never"}  # ... and is written only by us
         return self._file.create_dataset(path, shape=(self._rows,) + row_shape, dtype=sample.dtype,
                                          chunks=(chunk_rows,) + row_shape if self._rows else None,
-                                         **filters)
+                                         **options)
 
     def finish(self, attrs: dict) -> None:
         """Record provenance, close, and move the file to its final name."""
+        self.flush()
+        self._close_fd()
         for key, value in attrs.items():
             self._file.attrs[key] = value
         self._file.close()
         os.replace(self.temp_path, self.path)
 
+    def _close_fd(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
     def discard(self) -> None:
-        """Close and remove the unfinished file."""
+        """Close and remove the unfinished file (best effort: this runs after a failure, on a
+        disk that may be full)."""
+        self._slab = []
         try:
+            self._close_fd()
             self._file.close()
-        finally:
-            self.temp_path.unlink(missing_ok=True)
+        except (OSError, RuntimeError, ValueError):
+            pass
+        self.temp_path.unlink(missing_ok=True)
+
+
+class ChunkPlaces:
+    """Where each row of an early-allocated, unfiltered chunked dataset lives in the file:
+    the byte offset of every chunk (chunks span whole rows, so a chunk's rows are
+    contiguous)."""
+
+    def __init__(self, offsets: np.ndarray, chunk_rows: int, row_bytes: int, dtype: np.dtype):
+        self.offsets = offsets
+        self.chunk_rows = chunk_rows
+        self.row_bytes = row_bytes
+        self.dtype = dtype
+
+    @classmethod
+    def of(cls, dataset, file) -> ChunkPlaces | None:
+        """The places of `dataset`'s rows, or None when h5py must write it (filters, a chunk
+        not allocated, a driver other than the default, an HDF5 without chunk_iter)."""
+        chunks = dataset.chunks
+        if chunks is None or dataset.compression or dataset.shape[0] == 0 or \
+                file.driver != "sec2" or chunks[1:] != dataset.shape[1:] or \
+                dataset.id.get_create_plist().get_nfilters():
+            return None
+        count = -(-dataset.shape[0] // chunks[0])
+        offsets = np.full(count, -1, dtype=np.int64)
+
+        def visit(info):
+            offsets[info.chunk_offset[0] // chunks[0]] = info.byte_offset
+
+        try:
+            dataset.id.chunk_iter(visit)
+        except (AttributeError, NotImplementedError, RuntimeError):
+            return None
+        if (offsets < 0).any():
+            return None
+        row_bytes = int(np.prod(chunks[1:], dtype=np.int64)) * dataset.dtype.itemsize
+        return cls(offsets, chunks[0], row_bytes, dataset.dtype)
+
+    def write(self, fd: int, start: int, array: np.ndarray) -> None:
+        """Write `array` (rows start..start+len) at its places, one pwritev per run of
+        adjacent chunks."""
+        data = np.ascontiguousarray(array, dtype=self.dtype).reshape(-1).view(np.uint8)
+        stop = start + len(array)
+        pieces: list[list[int]] = []  # [file offset, buffer offset, bytes]
+        for chunk in range(start // self.chunk_rows, (stop - 1) // self.chunk_rows + 1):
+            first = max(start, chunk * self.chunk_rows)
+            last = min(stop, (chunk + 1) * self.chunk_rows)
+            where = int(self.offsets[chunk]) + (first - chunk * self.chunk_rows) * self.row_bytes
+            size = (last - first) * self.row_bytes
+            if pieces and pieces[-1][0] + pieces[-1][2] == where:
+                pieces[-1][2] += size
+            else:
+                pieces.append([where, (first - start) * self.row_bytes, size])
+        for where, at, size in pieces:
+            view = data[at:at + size]
+            done = 0
+            while done < size:
+                done += os.pwritev(fd, [view[done:]], where + done)
