@@ -22,10 +22,12 @@ COMMIT_DEPTH = 4     # finished batches that may wait for their commit
 
 
 class Prefetcher:
-    """Reads the batches at `starts`, in order, ahead of their use, into reused buffer sets."""
+    """Reads the batches at `starts`, in order, ahead of their use, into reused buffer sets
+    (PREFETCH_DEPTH of them, or the `buffer_sets` given: a group's shared-memory slots)."""
 
     def __init__(self, reader: InputReader, fields: Sequence[InputField], starts: Sequence[int],
-                 batch_size: int, rows: int, timed: Callable | None = None):
+                 batch_size: int, rows: int, timed: Callable | None = None,
+                 buffer_sets: Sequence[list[np.ndarray]] | None = None):
         self._reader = reader
         self._starts = list(starts)
         self._batch_size = batch_size
@@ -34,21 +36,23 @@ class Prefetcher:
         capacity = max(1, min(batch_size, rows))
         self._free: queue.Queue = queue.Queue()
         self._ready: queue.Queue = queue.Queue()
-        for _ in range(PREFETCH_DEPTH):
-            buffers = [f.buffer(capacity) for f in fields]
+        if buffer_sets is None:
+            buffer_sets = [[f.buffer(capacity) for f in fields] for _ in range(PREFETCH_DEPTH)]
+        for slot, buffers in enumerate(buffer_sets):
             for buffer in buffers:
                 buffer[:1] = 0  # a job with no rows predicts one zero row, to learn output shapes
-            self._free.put(buffers)
-        self._held = None
+            self._free.put((slot, buffers))
+        self._sets = dict(enumerate(buffer_sets))
         self._closed = False
         self._thread = threading.Thread(target=self._run, name="spmdinfer-prefetch", daemon=True)
         self._thread.start()
 
     def _run(self) -> None:
         for start in self._starts:
-            buffers = self._free.get()
-            if buffers is None or self._closed:
+            item = self._free.get()
+            if item is None or self._closed:
                 return
+            slot, buffers = item
             stop = min(start + self._batch_size, self._rows)
             try:
                 if self._timed is None:
@@ -60,24 +64,20 @@ class Prefetcher:
                 self._ready.put(DataError(f"reading rows {start}..{stop - 1} of "
                                           f"{self._reader.file_path}: {exc}"))
                 return
-            self._ready.put((start, stop - start, buffers))
+            self._ready.put((start, stop - start, buffers, slot))
         self._ready.put(None)
 
-    def next(self) -> tuple[int, int, list[np.ndarray]] | None:
-        """The next batch (start, rows, buffers), or None when there are no more.
-
-        The buffers of the batch before go back to the reader now: call this only once
-        the previous batch's arrays are no longer in use.
-        """
-        if self._held is not None:
-            self._free.put(self._held)
-            self._held = None
+    def next(self) -> tuple[int, int, list[np.ndarray], int] | None:
+        """The next batch (start, rows, buffers, slot: which buffer set), or None when there
+        are no more. Give the slot back with `release` once its arrays are no longer in use."""
         item = self._ready.get()
         if isinstance(item, Exception):
             raise item
-        if item is not None:
-            self._held = item[2]
         return item
+
+    def release(self, slot: int) -> None:
+        """The buffer set `slot` may be read into again."""
+        self._free.put((slot, self._sets[slot]))
 
     def close(self) -> None:
         """Stop reading ahead and wait for a read in progress: the file may be closed next."""
@@ -87,10 +87,13 @@ class Prefetcher:
 
 
 class Committer:
-    """Runs `commit(start, arrays)` for finished batches in a background thread, in order."""
+    """Runs `commit(start, arrays)` for finished batches in a background thread, in order,
+    after `first()` if given."""
 
-    def __init__(self, commit: Callable[[int, Sequence[np.ndarray]], None]):
+    def __init__(self, commit: Callable[[int, Sequence[np.ndarray]], None],
+                 first: Callable[[], None] | None = None):
         self._commit = commit
+        self._first = first
         self._queue: queue.Queue = queue.Queue(COMMIT_DEPTH)
         self._error: BaseException | None = None
         self._done: list[int] = []  # rows of each committed batch, collected by `committed`
@@ -99,6 +102,11 @@ class Committer:
         self._thread.start()
 
     def _run(self) -> None:
+        if self._first is not None:
+            try:
+                self._first()
+            except BaseException as exc:
+                self._error = exc
         while (item := self._queue.get()) is not None:
             if self._error is not None:
                 continue

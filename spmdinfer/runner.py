@@ -36,11 +36,12 @@ from .data import InputField, InputReader, OutputWriter
 from .journal import Journal, OutputLock, fingerprint, parts_folder
 from .errors import BackendError, DataError, JobFailed, PeerFailed, SpmdinferError
 from .log import log, setup_logging
-from .combine import combine_outputs
+from .combine import Combiner
 from .metrics import Recorder, write_metrics, write_trace
 from .overlap import Committer, Prefetcher
 from .program import Program, check_output_count
 from .progress import Progress
+from .shared import SLOTS, SharedBatches, usable
 from .spec import JobSpec
 from .topology import Layout, RankInfo, discover, physical_device
 from .validate import check_manifest, open_checked, read_manifest, sha256_of
@@ -202,6 +203,10 @@ class _Run:
         finally:
             if self.reader is not None:
                 self.reader.close()
+            if self.collector is not None:
+                self.collector.writer.discard()  # unless it was finished: then there is nothing left
+            if self.journal is not None:
+                self.journal.close()
             self._release()
         return RunSummary(rows, batches, time.monotonic() - started, loaded - started,
                           self.spec.output.file, outcome=outcome, remaining=remaining,
@@ -342,7 +347,8 @@ class _Run:
 
     def _start_collector(self, rows: int) -> None:
         if self.world.is_root:
-            self.collector = _Collector(self.world, self.journal, self.lock, self.layout,
+            writer = OutputWriter(self.spec.output, rows, self.spec.input.batch_size)
+            self.collector = _Collector(self.world, self.journal, writer, self.lock, self.layout,
                                         Progress(rows, self.show_progress), self.spec.input.batch_size)
             self.world.idle = self.collector.poll
 
@@ -355,26 +361,30 @@ class _Run:
         group = self.world.split(layout.replica * layout.stages + layout.stage)
         last = layout.stage == layout.stages - 1
         forwards = last or model.handoff == "host"  # in graph handoff only the last stage's outputs count
-        prefetcher = None
+        shared = self._shared(group, fields, rows)
+        prefetcher = combiner = None
         if group.is_root and layout.stage == 0:
             prefetcher = Prefetcher(self.reader, fields, starts[layout.replica::layout.replicas],
                                     self.spec.input.batch_size, rows,
-                                    lambda: self.world.recorder.span("read"))
+                                    lambda: self.world.recorder.span("read"),
+                                    shared and [shared.slot_arrays(k) for k in range(SLOTS)])
+        finished = False
+        ahead = None  # the root's next batch, posted to the group before this one is finished
         try:
             while True:
                 self.watchdog.kick()
                 if self.collector is not None:
                     self.collector.poll()  # other replicas' finished batches, between own batches
                     self.collector.check()
-                packet = (DONE, 0, 0, [])
-                if group.is_root:
-                    packet = self._next_packet(prefetcher)
                 with self.world.recorder.span("bcast"):
-                    kind, start, valid, arrays = group.bcast_packet(*packet)
+                    batch = ahead or self._receive(group, shared, prefetcher)
+                ahead = None
+                kind, start, valid, arrays, sequence, slot = batch
                 if kind == DONE:
                     self._pass_on(group, DONE, 0, 0, [])
                     if group.is_root and last and self.collector is None:
                         self.world.send_packet(0, DONE, 0, 0, [])  # this replica is finished
+                    finished = True
                     return
                 if model.handoff == "graph" and layout.stage == 0:
                     self._pass_on(group, GO, start, valid, [])  # later stages run along
@@ -385,37 +395,69 @@ class _Run:
                     error, code = _failure(exc, self.info)
                     raise JobFailed(f"predict failed on batch rows {start}..{start + max(valid, 1) - 1}"
                                     f": {error}", code, batch=start) from None
+                if shared is not None and group.is_root:
+                    with self.world.recorder.span("bcast"):
+                        ahead = self._receive(group, shared, prefetcher)  # the others go straight on
                 if not forwards:
-                    continue
-                if model.handoff == "graph" and layout.stage > 0:
-                    outputs = [o[:max(valid, 1)] for o in outputs]  # the graph ran a padded batch
-                modes = (self.spec.output.combine if last else
-                         [model.stage_combine[layout.stage]] * len(outputs))
-                with self.world.recorder.span("combine"):
-                    combined = combine_outputs(group, outputs, modes,
-                                               self._output_names(len(outputs)), max(valid, 1))
-                if group.is_root and last:
-                    self._deliver(start, [c[:valid] for c in combined])
-                elif model.handoff == "host":
-                    self._pass_on(group, GO, start, valid, combined)
+                    if shared is not None:
+                        shared.settle(None, max(valid, 1), sequence)
+                else:
+                    if model.handoff == "graph" and layout.stage > 0:
+                        outputs = [o[:max(valid, 1)] for o in outputs]  # the graph ran a padded batch
+                    if combiner is None:
+                        modes = (self.spec.output.combine if last else
+                                 [model.stage_combine[layout.stage]] * len(outputs))
+                        combiner = Combiner(group, modes, self._output_names(len(outputs)), shared)
+                    with self.world.recorder.span("combine"):
+                        combined = combiner.combine(outputs, max(valid, 1), sequence)
+                    if group.is_root and last:
+                        self._deliver(start, [c[:valid] for c in combined])
+                    elif model.handoff == "host":
+                        self._pass_on(group, GO, start, valid, combined)
+                if prefetcher is not None:
+                    prefetcher.release(slot)  # every rank of the group is done with its arrays
         finally:
             if prefetcher is not None:
                 prefetcher.close()
+            if shared is not None and finished:
+                shared.close()  # collective: only when every rank got here
             group.close()
 
+    def _shared(self, group: Channel, fields: list[InputField], rows: int) -> SharedBatches | None:
+        """Shared-memory slots for a stage-0 group whose ranks all share one node (collective)."""
+        if self.layout.stage != 0 or group.size == 1 or not self.spec.run.shared_memory:
+            return None
+        capacity = max(1, min(self.spec.input.batch_size, rows))
+        if not usable(group, sum(f.row_bytes for f in fields) * capacity):
+            return None
+        return SharedBatches(group, fields, capacity, self.info.local_size)
+
+    def _receive(self, group: Channel, shared: SharedBatches | None, prefetcher: Prefetcher | None):
+        """The group's next batch on every rank of it: (kind, start, rows, arrays, sequence
+        number in `shared`, the root's prefetch slot)."""
+        if shared is not None and not group.is_root:
+            return *shared.receive(), 0, 0
+        packet = (DONE, 0, 0, [], 0)
+        if group.is_root:
+            packet = self._next_packet(prefetcher)
+        if shared is not None:
+            return *packet[:4], shared.post(*packet[:3], packet[4]), packet[4]
+        return *group.bcast_packet(*packet[:4]), 0, packet[4]
+
     def _next_packet(self, prefetcher: Prefetcher | None):
-        """A stage leader's next packet: read from the file (stage 0) or from the stage before."""
+        """A stage leader's next packet, (kind, start, rows, arrays, slot): read from the file
+        (stage 0; slot is the prefetcher's buffer set) or from the stage before."""
         layout = self.layout
         if layout.stage > 0:
-            return self.world.recv_packet(layout.leader(layout.replica, layout.stage - 1)
-                                          if self.spec.model.handoff == "host" else
-                                          layout.leader(layout.replica, 0))
+            return *self.world.recv_packet(layout.leader(layout.replica, layout.stage - 1)
+                                           if self.spec.model.handoff == "host" else
+                                           layout.leader(layout.replica, 0)), 0
         self.world.peers.check()
         batch = None if self.world.peers.stopping else prefetcher.next()
         if batch is None:
-            return DONE, 0, 0, []
-        start, valid, buffers = batch
-        return GO, start, valid, [b[:max(valid, 1)] for b in buffers]
+            return DONE, 0, 0, [], 0
+        start, valid, buffers, slot = batch
+        return GO, start, valid, [b[:max(valid, 1)] for b in buffers], slot
 
     def _pass_on(self, group: Channel, kind: int, start: int, rows: int, arrays) -> None:
         """A stage leader hands a packet to the stage(s) after it."""
@@ -455,30 +497,24 @@ class _Run:
                     self.journal.forget_attempts(self.counted)
                     result = ("stopped", remaining, self.collector.commits, self.collector.rows)
                 else:
-                    self._assemble(identities, rows, len(starts))
+                    self._complete(identities, rows, len(starts))
                     result = ("complete", 0, self.collector.commits, self.collector.rows)
             except Exception as exc:
                 error = _failure(exc, self.info)[0]
         self.world.agree(error)
         return self.world.bcast_object(result)
 
-    def _assemble(self, identities: list, rows: int, batches: int) -> None:
-        """Rank 0: the output file from the committed batches, renamed into place complete."""
-        watchdog = Watchdog(self.spec.run.batch_timeout)
-        writer = OutputWriter(self.spec.output, rows, self.spec.input.batch_size)
+    def _complete(self, identities: list, rows: int, batches: int) -> None:
+        """Rank 0: every batch is committed and written; the output file gets its provenance
+        and its final name, and the journal goes."""
         try:
-            for start in sorted(self.journal.committed()):
-                watchdog.kick()
-                with self.world.recorder.span("write"):
-                    writer.write(start, self.journal.load(start))
-            writer.finish(self._provenance(identities, rows, batches))
+            with self.world.recorder.span("write"):
+                self.collector.writer.finish(self._provenance(identities, rows, batches))
         except OSError as exc:
-            writer.discard()
+            self.collector.writer.discard()
             raise DataError(f"[output] file {self.spec.output.file}: cannot write it ({exc}); "
                             f"every batch is committed in {self.journal.folder}, so "
-                            "`spmdinfer run JOB --resume` will assemble it again") from None
-        finally:
-            watchdog.stop()
+                            "`spmdinfer run JOB --resume` will write it again") from None
         self.journal.remove()
 
     def _provenance(self, identities, rows: int, batches: int) -> dict:
@@ -506,13 +542,21 @@ class _Run:
 
 class _Collector:
     """Rank 0's side of the output: takes finished batches from the last stages of every
-    replica (its own included), in whatever order they finish, and commits each to the
-    journal; a replica's DONE says it has no more."""
+    replica (its own included), in whatever order they finish, commits each to the journal
+    and writes it to the output file, in a background thread; a replica's DONE says it has
+    no more.
 
-    def __init__(self, world: Channel, journal: Journal, lock: OutputLock, layout: Layout,
-                 progress: Progress, batch_size: int):
+    The journal is the record that survives a kill; the output file (FILE.partial until
+    the run completes) is written alongside it, so that the end of the run has nothing
+    left to copy. A run that does not complete removes FILE.partial, and the next run
+    writes the committed batches into a fresh one first.
+    """
+
+    def __init__(self, world: Channel, journal: Journal, writer: OutputWriter, lock: OutputLock,
+                 layout: Layout, progress: Progress, batch_size: int):
         self.world = world
         self.journal = journal
+        self.writer = writer
         self.lock = lock
         self.progress = progress
         self.batch_size = batch_size
@@ -522,18 +566,35 @@ class _Collector:
         self.error: Exception | None = None
         self.commits = 0
         self.rows = 0
-        self._committer = Committer(self._commit)
+        self._committer = Committer(self._commit, first=self._rewrite)
+
+    def _rewrite(self) -> None:
+        """The batches earlier runs committed, into this run's output file (resume only)."""
+        for start, arrays in self.journal.batches():
+            self._write(start, arrays)
 
     def _commit(self, start: int, arrays: Sequence[np.ndarray]) -> None:
-        """Make one finished batch durable (in the committer's thread)."""
+        """Make one finished batch durable, then write it (in the committer's thread)."""
         try:
             with self.world.recorder.span("write"):
                 self.journal.commit(start, arrays)
         except OSError as exc:
-            full = "disk full" if exc.errno == errno.ENOSPC else "cannot write"
+            full = "disk full" if _disk_full(exc) else "cannot write"
             raise DataError(f"{full} while committing rows {start}..{start + self.batch_size - 1} "
                             f"to {self.journal.folder} ({exc.strerror}); the batches committed so far "
                             "are intact: make room and run again with --resume") from None
+        self._write(start, arrays)
+
+    def _write(self, start: int, arrays: Sequence[np.ndarray]) -> None:
+        try:
+            with self.world.recorder.span("write"):
+                self.writer.write(start, arrays)
+        except OSError as exc:
+            full = "disk full" if _disk_full(exc) else "cannot write"
+            raise DataError(f"{full} while writing rows {start}..{start + self.batch_size - 1} to "
+                            f"{self.writer.temp_path} ({exc}); the batches committed so far are "
+                            f"intact in {self.journal.folder}: make room and run again with "
+                            "--resume") from None
 
     def write(self, start: int, arrays: Sequence[np.ndarray]) -> None:
         """Hand one finished batch to the committer; count the ones it has committed."""
@@ -607,6 +668,11 @@ def shared_device(devices: list[tuple[str, str | None]], target: str) -> Backend
                                 f"{host} would both use {target} device {device}")
         seen[(host, device)] = rank
     return None
+
+
+def _disk_full(exc: OSError) -> bool:
+    """ENOSPC, from the OS or inside an HDF5 error (which names the errno in its text)."""
+    return exc.errno == errno.ENOSPC or "No space left on device" in str(exc)
 
 
 def _now() -> str:

@@ -133,6 +133,7 @@ class RunSpec:
     batch_timeout: float = 1800.0   # seconds without progress before the watchdog ends the job; 0 = off
     max_attempts: int = 3           # runs that may start a batch without committing it
     fsync: bool = False             # fsync every committed batch (survives power loss, not just kills)
+    shared_memory: bool = True      # a group on one node passes batches through shared memory
 
 
 @dataclass(frozen=True)
@@ -314,10 +315,12 @@ def _parse_run(table: dict) -> RunSpec:
     if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout < 0:
         raise SpecError(f"[run] batch_timeout must be a number of seconds >= 0 (0 = off), got {timeout!r}")
     max_attempts = _integer(table, "max_attempts", "[run]", RunSpec.max_attempts, minimum=1)
-    fsync = table.get("fsync", RunSpec.fsync)
-    if not isinstance(fsync, bool):
-        raise SpecError(f"[run] fsync must be true or false, got {fsync!r}")
-    return RunSpec(batch_timeout=float(timeout), max_attempts=max_attempts, fsync=fsync)
+    flags = {}
+    for key in ("fsync", "shared_memory"):
+        flags[key] = table.get(key, getattr(RunSpec, key))
+        if not isinstance(flags[key], bool):
+            raise SpecError(f"[run] {key} must be true or false, got {flags[key]!r}")
+    return RunSpec(batch_timeout=float(timeout), max_attempts=max_attempts, **flags)
 
 
 def _parse_backend_options(table: dict) -> dict:

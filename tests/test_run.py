@@ -153,3 +153,44 @@ def test_output_compression_is_optional(tmp_path, matmul_slices):
         assert f["y"].compression == "gzip" and f["y"].compression_opts == 4
         assert f["y"].chunks == (8, 4)
         np.testing.assert_allclose(f["y"][()], -(x @ weight[:, :4]), rtol=1e-5, atol=1e-5)
+
+
+def test_shared_memory_and_messages_give_the_same_outputs(tmp_path, multi_io_slices):
+    """A group on one node passes batches through shared memory; with `[run] shared_memory =
+    false` through messages (as a group spread over nodes does). Same bytes either way,
+    ragged last batch included, every combine mode."""
+    template, weight = multi_io_slices
+    rng = np.random.default_rng(15)
+    x = rng.standard_normal((53, 4)).astype(np.float32)
+    k = rng.integers(-1000, 1000, (53, 3)).astype(np.int32)
+    write_h5(tmp_path / "in.h5", {"x": x, "k": k})
+    outputs = {}
+    for shared in (True, False):
+        job = write_job(tmp_path, {
+            "model": {"files": str(template), "ranks": 2},
+            "input": {"file": "in.h5", "batch_size": 8, "datasets": {"k": "/k", "x": "/x"}},
+            "output": {"file": f"out-{shared}.h5",
+                       "datasets": {"scores": "/scores", "shifted": "/shifted", "part": "/part"},
+                       "combine": {"scores": "concat:1", "part": "sum"}},
+            "run": {"shared_memory": shared},
+        }, name=f"job-{shared}.toml")
+        ok(run_cli("run", job, "--metrics", tmp_path / f"m-{shared}.json", n=2))
+        outputs[shared] = [read_h5(tmp_path / f"out-{shared}.h5", p)
+                           for p in ("/scores", "/shifted", "/part")]
+    for a, b in zip(outputs[True], outputs[False]):
+        assert a.dtype == b.dtype and np.array_equal(a, b)
+    np.testing.assert_allclose(outputs[True][0], x @ weight, rtol=1e-5, atol=1e-5)
+    assert np.array_equal(outputs[True][1], k + 1)
+
+
+def test_many_small_batches_on_eight_ranks_in_shared_memory(tmp_path, matmul_slices):
+    """Many batches through the shared slots, ranks racing each other on 2 cores: every row
+    once, in place (a slot reused too early, or a batch missed, changes the output)."""
+    template, weight = matmul_slices
+    x = np.random.default_rng(17).standard_normal((1203, 96)).astype(np.float32)
+    write_h5(tmp_path / "in.h5", {"x": x}, chunks=(64, 96))
+    job = write_job(tmp_path, matmul_job(tmp_path, template, batch_size=5))
+    for _ in range(2):
+        ok(run_cli("run", job, "--overwrite", n=8))
+        np.testing.assert_allclose(read_h5(tmp_path / "out" / "result.h5", "/y"), -(x @ weight),
+                                   rtol=1e-5, atol=1e-5)

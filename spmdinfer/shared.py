@@ -1,0 +1,263 @@
+"""Node-local batches: a group whose ranks all share one node exchanges its batches through
+an MPI-3 shared-memory window instead of messages.
+
+The group's root reads each input batch straight into one of `SLOTS` slots of a window
+every rank of the group maps, and publishes it by writing a sequence number into a small
+control block. The other ranks predict on the slot in place: no copy, no message. Each
+rank then puts its outputs into its own output segment (also mapped by the root) and
+writes its "done" sequence number; the root combines the outputs from the segments.
+
+So a batch costs the group two stores and two polls of shared memory, whatever the
+number of ranks, where messages cost a broadcast tree and a gather, each step of which
+needs the rank on the receiving end to be awake. Waiting ranks poll the control block
+politely (see `Waiter`) and check the job's failure notices while they do.
+
+Output segments are sized from the first batch's outputs, whose layouts every rank
+agrees on through messages (`combine.Combiner`); later batches must keep those layouts.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Callable, Sequence
+
+import numpy as np
+
+from .comm import DONE, GO, MAX_DELAY, MIN_DELAY, Channel
+from .data import InputField
+
+SLOTS = 3              # input slots: one being finished, one posted ahead, one being read
+HALVES = 2             # output segments hold two batches: the one posted ahead, the one combined
+ALIGN = 64             # bytes; every array in a window starts on a cache line
+CELL = ALIGN // 8      # int64s per control cell: one cell per writer, no false sharing
+YIELD_SECONDS = 1e-3   # a waiter yields the core between polls this long, then sleeps
+SHM_FOLDER = "/dev/shm"
+
+
+def usable(group: Channel, slot_bytes: int) -> bool:
+    """Whether every rank of `group` shares this rank's node and the node has room for the
+    slots (collective over the group; every rank gets the same answer)."""
+    from mpi4py import MPI
+
+    node = group.comm.Split_type(MPI.COMM_TYPE_SHARED)
+    try:
+        whole = node.size == group.size
+    finally:
+        node.Free()
+    room = shm_room() >= 2 * SLOTS * slot_bytes if group.is_root else True
+    return all(group.allgather_objects(whole and room))
+
+
+def shm_room() -> int:
+    """Free bytes in the node's shared-memory file system (containers often make it small)."""
+    try:
+        stat = os.statvfs(SHM_FOLDER)
+    except OSError:
+        return 1 << 62  # no /dev/shm: the MPI library maps memory some other way
+    return stat.f_bavail * stat.f_frsize
+
+
+class SharedBatches:
+    """The shared window of one group: input slots, a control block, output segments."""
+
+    def __init__(self, group: Channel, fields: Sequence[InputField], capacity: int,
+                 ranks_on_node: int):
+        from mpi4py import MPI
+
+        self._mpi = MPI
+        self.group = group
+        self.fields = list(fields)
+        self.capacity = capacity
+        self.rank, self.size = group.rank, group.size
+        offsets, size = [], 0
+        for f in self.fields:
+            offsets.append(size)
+            size += aligned(f.row_bytes * capacity)
+        self._field_offsets, self._slot_bytes = offsets, size
+        control = aligned(8 * CELL * (1 + SLOTS + self.size))
+        self._window = MPI.Win.Allocate_shared(control + SLOTS * size if group.is_root else 0, 1,
+                                               comm=group.comm)
+        self._window.Lock_all(MPI.MODE_NOCHECK)
+        memory = np.frombuffer(self._window.Shared_query(0)[0], dtype=np.uint8)
+        self._control = memory[:control].view(np.int64)
+        self._slots = [memory[control + k * size:control + (k + 1) * size] for k in range(SLOTS)]
+        if group.is_root:
+            self._control[:] = 0
+        self._sync()
+        self.group.barrier()  # the control block is zeroed before anyone reads it
+        self._sequence = 0
+        self._outputs: _Outputs | None = None
+        self.waiter = Waiter(group, ranks_on_node)
+
+    # Input slots.
+
+    def slot_arrays(self, slot: int, rows: int | None = None) -> list[np.ndarray]:
+        """Views of the input fields in `slot` (the first `rows` rows, or all)."""
+        rows = self.capacity if rows is None else rows
+        views = []
+        for f, offset in zip(self.fields, self._field_offsets):
+            raw = self._slots[slot][offset:offset + f.row_bytes * rows]
+            views.append(raw.view(np.dtype(f.dtype)).reshape((rows,) + f.row_shape))
+        return views
+
+    def post(self, kind: int, start: int, rows: int, slot: int) -> int:
+        """Root: publish the batch in `slot`, or DONE (no more batches; `slot` is ignored);
+        its sequence number.
+
+        The root may post one batch ahead of the one it combines: the other ranks go on
+        to it as soon as they are done, without waiting for the root. Each slot has a
+        cell (sequence, kind, start, rows), and DONE a cell of its own, so that it never
+        replaces a batch some rank has yet to see; the sequence is written last, and a
+        slot is posted again only after every rank has settled the batch it held.
+        """
+        self._sequence += 1
+        cell = CELL * (1 + slot) if kind == GO else 0
+        self._control[cell + 1:cell + 4] = kind, start, rows
+        self._sync()
+        self._control[cell] = self._sequence
+        return self._sequence
+
+    def receive(self) -> tuple[int, int, int, list[np.ndarray]]:
+        """Others: wait for the root's next batch; (kind, start, rows, arrays in place)."""
+        self._sequence += 1
+        wanted = self._sequence
+        posted = self._control[:CELL * (1 + SLOTS):CELL]  # DONE's and each slot's sequence
+        self.waiter.until(lambda: bool((posted == wanted).any()))
+        self._sync()
+        cell = CELL * int(np.argmax(posted == wanted))
+        kind, start, rows = (int(v) for v in self._control[cell + 1:cell + 4])
+        if kind != GO:
+            return DONE, 0, 0, []
+        return kind, start, rows, self.slot_arrays(cell // CELL - 1, max(rows, 1))
+
+    # Outputs.
+
+    @property
+    def has_outputs(self) -> bool:
+        return self._outputs is not None
+
+    def open_outputs(self, layouts: Sequence[Sequence[tuple[np.dtype, tuple]]]) -> None:
+        """Collective: every rank's output segment, sized from the agreed layouts of a full
+        batch ((dtype, shape) of each output, per rank)."""
+        self._outputs = _Outputs(self.group, layouts, self.capacity)
+
+    def settle(self, outputs: Sequence[np.ndarray] | None, rows: int,
+               sequence: int = 0) -> list[list[np.ndarray]] | None:
+        """End of a batch. Others: put `outputs` into the segment (None: not needed) and say
+        "done"; after this the rank no longer reads the batch's input slot. Root: wait until
+        every rank is done with batch `sequence`; every rank's outputs for it (views, valid
+        until the batch after the next is posted), or None when no segments are open."""
+        if not self.group.is_root:
+            if outputs is not None:
+                self._outputs.put(outputs, self._sequence % HALVES)
+            self._sync()
+            self._control[CELL * (1 + SLOTS + self.rank)] = self._sequence
+            return None
+        first = CELL * (1 + SLOTS)
+        cells = self._control[first + CELL:first + CELL * self.size:CELL]
+        self.waiter.until(lambda: bool((cells >= sequence).all()))
+        self._sync()
+        return None if self._outputs is None else self._outputs.views(rows, sequence % HALVES)
+
+    def close(self) -> None:
+        """Collective (success only: a failed run leaves the window to the process's end)."""
+        if self._outputs is not None:
+            self._outputs.close()
+        self._window.Unlock_all()
+        self._window.Free()
+
+    def _sync(self) -> None:
+        self._window.Sync()
+
+
+class _Outputs:
+    """One segment per rank, holding its outputs for one batch; the root maps them all."""
+
+    def __init__(self, group: Channel, layouts, capacity: int):
+        from mpi4py import MPI
+
+        self.rank = group.rank
+        # Per rank: (dtype, row shape, offset in the segment) of each output.
+        self._places = []
+        for rank_layout in layouts:
+            places, offset = [], 0
+            for dtype, shape in rank_layout:
+                dtype, row_shape = np.dtype(dtype), tuple(shape[1:])
+                places.append((dtype, row_shape, offset))
+                offset += aligned(dtype.itemsize * int(np.prod(row_shape, dtype=np.int64)) * capacity)
+            self._places.append((places, offset))
+        size = self._places[self.rank][1]
+        self._window = MPI.Win.Allocate_shared(max(HALVES * size, 1), 1, comm=group.comm)
+        self._window.Lock_all(MPI.MODE_NOCHECK)
+        ranks = range(group.size) if group.is_root else [self.rank]
+        self._segments = {r: np.frombuffer(self._window.Shared_query(r)[0], dtype=np.uint8)
+                          for r in ranks}
+        group.barrier()
+
+    def _arrays(self, rank: int, rows: int, half: int) -> list[np.ndarray]:
+        places, size = self._places[rank]
+        segment = self._segments[rank][half * size:(half + 1) * size]
+        arrays = []
+        for dtype, row_shape, offset in places:
+            nbytes = dtype.itemsize * int(np.prod(row_shape, dtype=np.int64)) * rows
+            arrays.append(segment[offset:offset + nbytes].view(dtype).reshape((rows,) + row_shape))
+        return arrays
+
+    def put(self, outputs: Sequence[np.ndarray], half: int) -> None:
+        rows = len(outputs[0]) if outputs else 0
+        for target, output in zip(self._arrays(self.rank, rows, half), outputs):
+            target[...] = output
+
+    def views(self, rows: int, half: int) -> list[list[np.ndarray]]:
+        """Every rank's outputs (the root's own segment is unused: it has them at hand)."""
+        return [self._arrays(r, rows, half) if r else [] for r in range(len(self._places))]
+
+    def close(self) -> None:
+        self._window.Unlock_all()
+        self._window.Free()
+
+
+class Waiter:
+    """Polls a condition on shared memory without burning a core: yield the core between
+    polls for the first `yield_seconds` (a peer that is nearly there), then sleep with a
+    growing delay. Checks the job's failure notices and runs the group's idle work.
+
+    Yielding costs nothing only while every rank of the node has a core of its own: with
+    more ranks than cores, ranks that yield are always runnable and take turns on the
+    cores with the ranks that have work, so there a waiter sleeps at once.
+    """
+
+    def __init__(self, group: Channel, ranks_on_node: int):
+        self.group = group
+        self.yield_seconds = YIELD_SECONDS if ranks_on_node <= usable_cores() else 0.0
+
+    def until(self, ready: Callable[[], bool]) -> None:
+        if ready():
+            return
+        peers, idle, recorder = self.group.peers, self.group.idle, self.group.recorder
+        began = time.time()
+        delay = MIN_DELAY
+        while not ready():
+            peers.check()
+            if idle is not None:
+                idle()
+            if time.time() - began < self.yield_seconds:
+                os.sched_yield()
+            else:
+                time.sleep(delay)
+                delay = min(delay * 2, MAX_DELAY)
+        if recorder is not None:
+            recorder.add("wait", began, time.time() - began)
+
+
+def usable_cores() -> int:
+    """Cores this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def aligned(nbytes: int) -> int:
+    return -(-int(nbytes) // ALIGN) * ALIGN
