@@ -152,8 +152,9 @@ def code_state() -> str:
         return result.stdout.strip() if result.returncode == 0 else ""
 
     commit = git("rev-parse", "--short", "HEAD") or "unknown"
-    changed = git("status", "--porcelain", "--", "spmdinfer").splitlines()
-    dirty = ", ".join(line[3:] for line in changed)
+    changed = (git("diff", "--name-only", "HEAD", "--", "spmdinfer").splitlines()
+               + git("ls-files", "--others", "--exclude-standard", "--", "spmdinfer").splitlines())
+    dirty = ", ".join(sorted(changed))
     return (f"spmdinfer {spmdinfer.__version__} at git {commit}"
             + (f" + uncommitted changes to {dirty}" if dirty else ""))
 

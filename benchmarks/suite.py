@@ -158,13 +158,25 @@ def warm(path: Path) -> None:
 # One run of each loop, reduced to what the report needs.
 
 def spmdinfer_sample(data: Path, job: Path, n: int, idle: float) -> dict:
+    remove_output(job, "")
     return measured(data, idle, lambda: run_spmdinfer_metrics(job, n),
                     lambda m: m["wall_seconds"] - m["load_seconds"])
 
 
 def plain_sample(data: Path, job: Path, n: int, idle: float) -> dict:
+    remove_output(job, ".plain.h5")
     return measured(data, idle, lambda: run_mpi_json(HERE / "plain_loop.py", [job], n),
                     lambda m: m["loop_seconds"])
+
+
+def remove_output(job: Path, suffix: str) -> None:
+    """Remove the output the previous run of this loop left: neither loop's time should
+    include freeing the last result (the plain loop truncates its file before its clock
+    starts; spmdinfer replaces its output only once the new one is complete)."""
+    import tomllib
+
+    output = job.parent / tomllib.loads(job.read_text())["output"]["file"]
+    output.with_name(output.name + suffix).unlink(missing_ok=True)
 
 
 def measured(data: Path, idle: float, run, loop_seconds) -> dict:

@@ -109,7 +109,7 @@ class Combiner:
             elif mode.mode == "concat":
                 results.append(np.concatenate([output] + [p[k] for p in parts[1:]], axis=mode.axis))
             else:
-                total = np.array(output, copy=True)
+                total = output if output.flags.writeable and output.flags.owndata else output.copy()
                 for p in parts[1:]:
                     total += p[k]
                 results.append(total)

@@ -5,9 +5,11 @@ header (what comes: kind, first row, rows, and each array's dtype and shape)
 followed by the arrays themselves.
 
 Every wait for a peer goes through `Channel.wait`, which tests a nonblocking
-request, checks the job-wide failure notices (`Peers`) and sleeps with a growing
-backoff between tests: ranks that wait do not burn a core when ranks outnumber
-cores, and no rank waits forever for a peer that has failed. Once a polite
+request, checks the job-wide failure notices (`Peers`) and, between tests, yields
+the core for a while (`patience`: 1 ms when every rank of the node has a core of
+its own, none otherwise), then sleeps with a growing backoff: ranks that wait do
+not burn a core when ranks outnumber cores, and no rank waits forever for a peer
+that has failed. Once a polite
 rendezvous shows every rank of a group is present, bulk transfers test without
 sleeping (they are moving), still checking for failure notices: a rank never sits
 in a blocking call that a failed peer will not join.
@@ -26,7 +28,8 @@ import numpy as np
 from .errors import PeerFailed
 
 ROOT = 0
-SPIN_SECONDS = 50e-6  # test without sleeping this long first: a peer that is nearly there
+YIELD_SECONDS = 1e-3  # with a core per rank, yield between tests this long before sleeping
+CHECK_EVERY = 16      # tests between two looks at the failure notices while yielding
 MIN_DELAY = 20e-6     # first sleep between two tests of a pending request
 MAX_DELAY = 1e-3      # longest sleep: bounds the latency a waiting rank adds
 MAX_ARRAYS = 64       # arrays per packet
@@ -98,11 +101,18 @@ class Channel:
     """A private duplicate of a communicator with the few operations the runner uses."""
 
     def __init__(self, comm, peers: Peers, idle: Callable[[], None] | None = None,
-                 recorder=None):
+                 recorder=None, patience: float | None = None):
+        """`patience`: seconds a wait yields the core before it sleeps; by default
+        YIELD_SECONDS if this node has a core for each of its ranks in `comm`, else 0."""
         from mpi4py import MPI
 
         self._mpi = MPI
         self.comm = comm.Dup()
+        if patience is None:
+            node = self.comm.Split_type(MPI.COMM_TYPE_SHARED)
+            patience = YIELD_SECONDS if node.size <= usable_cores() else 0.0
+            node.Free()
+        self.patience = patience
         self.peers = peers
         self.idle = idle  # run while waiting (rank 0 drains finished batches to the output)
         self.recorder = recorder  # metrics.Recorder: time spent waiting
@@ -119,7 +129,7 @@ class Channel:
         """The ranks that share `color`, in rank order, with the same peers and idle work."""
         part = self.comm.Split(color, self.rank)
         try:
-            return Channel(part, self.peers, self.idle, self.recorder)
+            return Channel(part, self.peers, self.idle, self.recorder, self.patience)
         finally:
             part.Free()
 
@@ -129,7 +139,8 @@ class Channel:
     # Waiting.
 
     def wait(self, request, busy: bool = False) -> None:
-        """Complete `request`, sleeping between tests; raise PeerFailed if a peer failed.
+        """Complete `request`, yielding then sleeping between tests; raise PeerFailed if a
+        peer failed.
 
         `busy`: a bulk transfer already under way, which MPI moves forward only inside
         tests: test without sleeping, yielding the core to any rank that has work.
@@ -138,13 +149,17 @@ class Channel:
             return
         began = time.time()
         delay = MIN_DELAY
+        polls = 0
         while not request.Test():
-            self.peers.check()
-            if self.idle is not None:
-                self.idle()
-            if busy:
+            polls += 1
+            yielding = busy or time.time() - began < self.patience
+            if not yielding or polls % CHECK_EVERY == 0:
+                self.peers.check()
+                if self.idle is not None:
+                    self.idle()
+            if yielding:
                 os.sched_yield()
-            elif time.time() - began > SPIN_SECONDS:
+            else:
                 time.sleep(delay)
                 delay = min(delay * 2, MAX_DELAY)
         if self.recorder is not None:
@@ -171,20 +186,22 @@ class Channel:
         self.barrier()
         return self.comm.allgather(obj)
 
-    def agree(self, error: BaseException | None, code: int = 0) -> None:
-        """Raise PeerFailed on every rank if `error` is set on any rank.
+    def agree(self, error: BaseException | None, code: int = 0, value: Any = None) -> Any:
+        """Raise PeerFailed on every rank if `error` is set on any rank; else return the
+        root's `value` on every rank.
 
         Every rank must call this at the same point; the root learns each rank's
         message and host, so the first failure can be printed once.
         """
         report = None if error is None else (code or 2, str(error), socket.gethostname())
         reports = self.gather_objects(report)
-        failed = None
+        verdict = None
         if self.is_root:
-            failed = [(rank, r) for rank, r in enumerate(reports) if r is not None]
-        failed = self.bcast_object(failed)
+            verdict = ([(rank, r) for rank, r in enumerate(reports) if r is not None], value)
+        failed, value = self.bcast_object(verdict)
         if failed:
             raise job_failed(failed, self.size)
+        return value
 
     # Packets inside a group: the root's arrays reach every rank.
 
@@ -309,6 +326,14 @@ class PacketReceiver:
             self._data_requests.pop(0)
         kind, start, rows, _ = unpack_header(self.header)
         return kind, start, rows, self.arrays
+
+
+def usable_cores() -> int:
+    """Cores this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
 
 
 def header_size() -> int:

@@ -595,8 +595,10 @@ class OutputWriter:
     slabs of up to SLAB_BYTES and written with one call per dataset.
     """
 
-    def __init__(self, spec: OutputSpec, rows: int, batch_size: int):
-        """`spec.compression`: "" (none), "lzf", "gzip" or "gzip:LEVEL"."""
+    def __init__(self, spec: OutputSpec, rows: int, batch_size: int, attrs: dict | None = None):
+        """`spec.compression`: "" (none), "lzf", "gzip" or "gzip:LEVEL". `attrs`: the file's
+        attributes known from the start, written with the datasets (by the first `write`,
+        in the writer's thread), so that `finish` has little left to do."""
         import h5py
 
         self.path = spec.file
@@ -605,6 +607,7 @@ class OutputWriter:
         self._rows = rows
         self._batch_size = batch_size
         self._file = h5py.File(self.temp_path, "w")  # the runner made the folder with the lock
+        self._attrs = dict(attrs or {})
         self._fd: int | None = None
         self._datasets = None
         self._places: list[ChunkPlaces | None] = []
@@ -623,6 +626,7 @@ class OutputWriter:
         if self._datasets is None:
             self._datasets = [self._create(path, a) for (_, path), a in
                               zip(self._spec.datasets, arrays)]
+            self._write_attrs()
             self._places = [ChunkPlaces.of(d, self._file) for d in self._datasets]
             if any(self._places):
                 self._fd = os.open(self.temp_path, os.O_WRONLY)
@@ -675,10 +679,15 @@ class OutputWriter:
         """Record provenance, close, and move the file to its final name."""
         self.flush()
         self._close_fd()
-        for key, value in attrs.items():
-            self._file.attrs[key] = value
+        self._attrs.update(attrs)
+        self._write_attrs()
         self._file.close()
         os.replace(self.temp_path, self.path)
+
+    def _write_attrs(self) -> None:
+        attrs, self._attrs = self._attrs, {}
+        for key, value in attrs.items():
+            self._file.attrs[key] = value
 
     def _close_fd(self) -> None:
         if self._fd is not None:

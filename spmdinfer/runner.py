@@ -190,7 +190,7 @@ class _Run:
             starts = list(range(0, rows, self.spec.input.batch_size)) or [0]
             pending = self._schedule(identities, rows, starts)
             loaded = time.monotonic()
-            self._start_collector(rows)
+            self._start_collector(rows, identities, len(starts))
             self.watchdog = Watchdog(self.spec.run.batch_timeout)
             self._loop(program, fields, pending, rows)
             if self.collector is not None:
@@ -263,8 +263,7 @@ class _Run:
                 self._lock()
             except SpmdinferError as exc:
                 error = exc
-        self.world.agree(error)
-        return self.world.bcast_object(plan)
+        return self.world.agree(error, value=plan)
 
     def _lock(self) -> None:
         output = self.spec.output.file
@@ -334,8 +333,7 @@ class _Run:
                                 len(starts) - len(pending), len(starts))
             except SpmdinferError as exc:
                 error = exc
-        self.world.agree(error)
-        return self.world.bcast_object(pending)
+        return self.world.agree(error, value=pending)
 
     def _identity(self, identities: list) -> dict:
         """What produced the committed batches: resuming with anything else is refused."""
@@ -345,9 +343,10 @@ class _Run:
             "input": fingerprint(self.spec.input.file),
         }
 
-    def _start_collector(self, rows: int) -> None:
+    def _start_collector(self, rows: int, identities: list, batches: int) -> None:
         if self.world.is_root:
-            writer = OutputWriter(self.spec.output, rows, self.spec.input.batch_size)
+            writer = OutputWriter(self.spec.output, rows, self.spec.input.batch_size,
+                                  self._provenance(identities, rows, batches))
             self.collector = _Collector(self.world, self.journal, writer, self.lock, self.layout,
                                         Progress(rows, self.show_progress), self.spec.input.batch_size)
             self.world.idle = self.collector.poll
@@ -430,7 +429,7 @@ class _Run:
         capacity = max(1, min(self.spec.input.batch_size, rows))
         if not usable(group, sum(f.row_bytes for f in fields) * capacity):
             return None
-        return SharedBatches(group, fields, capacity, self.info.local_size)
+        return SharedBatches(group, fields, capacity)
 
     def _receive(self, group: Channel, shared: SharedBatches | None, prefetcher: Prefetcher | None):
         """The group's next batch on every rank of it: (kind, start, rows, arrays, sequence
@@ -497,19 +496,18 @@ class _Run:
                     self.journal.forget_attempts(self.counted)
                     result = ("stopped", remaining, self.collector.commits, self.collector.rows)
                 else:
-                    self._complete(identities, rows, len(starts))
+                    self._complete()
                     result = ("complete", 0, self.collector.commits, self.collector.rows)
             except Exception as exc:
                 error = _failure(exc, self.info)[0]
-        self.world.agree(error)
-        return self.world.bcast_object(result)
+        return self.world.agree(error, value=result)
 
-    def _complete(self, identities: list, rows: int, batches: int) -> None:
+    def _complete(self) -> None:
         """Rank 0: every batch is committed and written; the output file gets its provenance
         and its final name, and the journal goes."""
         try:
             with self.world.recorder.span("write"):
-                self.collector.writer.finish(self._provenance(identities, rows, batches))
+                self.collector.writer.finish({"complete": True, "end_time": _now()})
         except OSError as exc:
             self.collector.writer.discard()
             raise DataError(f"[output] file {self.spec.output.file}: cannot write it ({exc}); "
@@ -518,10 +516,11 @@ class _Run:
         self.journal.remove()
 
     def _provenance(self, identities, rows: int, batches: int) -> dict:
+        """The output file's attributes known at the start; `complete` and `end_time` are
+        added when it is finished."""
         manifest = self.journal.manifest
         return {
             "spmdinfer_version": __version__,
-            "complete": True,
             "job_file": str(self.spec.path),
             "job_text": self.spec.text,
             "input_file": str(self.spec.input.file),
@@ -536,7 +535,6 @@ class _Run:
             "batches": batches,
             "runs": manifest["runs"],
             "start_time": manifest["start_time"],
-            "end_time": _now(),
         }
 
 

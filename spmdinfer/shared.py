@@ -24,14 +24,13 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from .comm import DONE, GO, MAX_DELAY, MIN_DELAY, Channel
+from .comm import CHECK_EVERY, DONE, GO, MAX_DELAY, MIN_DELAY, Channel
 from .data import InputField
 
 SLOTS = 3              # input slots: one being finished, one posted ahead, one being read
 HALVES = 2             # output segments hold two batches: the one posted ahead, the one combined
 ALIGN = 64             # bytes; every array in a window starts on a cache line
 CELL = ALIGN // 8      # int64s per control cell: one cell per writer, no false sharing
-YIELD_SECONDS = 1e-3   # a waiter yields the core between polls this long, then sleeps
 SHM_FOLDER = "/dev/shm"
 
 
@@ -61,8 +60,7 @@ def shm_room() -> int:
 class SharedBatches:
     """The shared window of one group: input slots, a control block, output segments."""
 
-    def __init__(self, group: Channel, fields: Sequence[InputField], capacity: int,
-                 ranks_on_node: int):
+    def __init__(self, group: Channel, fields: Sequence[InputField], capacity: int):
         from mpi4py import MPI
 
         self._mpi = MPI
@@ -88,7 +86,7 @@ class SharedBatches:
         self.group.barrier()  # the control block is zeroed before anyone reads it
         self._sequence = 0
         self._outputs: _Outputs | None = None
-        self.waiter = Waiter(group, ranks_on_node)
+        self.waiter = Waiter(group)
 
     # Input slots.
 
@@ -225,38 +223,34 @@ class Waiter:
 
     Yielding costs nothing only while every rank of the node has a core of its own: with
     more ranks than cores, ranks that yield are always runnable and take turns on the
-    cores with the ranks that have work, so there a waiter sleeps at once.
+    cores with the ranks that have work, so there a waiter sleeps at once (the group's
+    `patience` says which).
     """
 
-    def __init__(self, group: Channel, ranks_on_node: int):
+    def __init__(self, group: Channel):
         self.group = group
-        self.yield_seconds = YIELD_SECONDS if ranks_on_node <= usable_cores() else 0.0
 
     def until(self, ready: Callable[[], bool]) -> None:
         if ready():
             return
         peers, idle, recorder = self.group.peers, self.group.idle, self.group.recorder
+        patience = self.group.patience
         began = time.time()
         delay = MIN_DELAY
+        polls = 0
         while not ready():
-            peers.check()
-            if idle is not None:
-                idle()
-            if time.time() - began < self.yield_seconds:
+            polls += 1
+            if polls % CHECK_EVERY == 0 or time.time() - began >= patience:
+                peers.check()
+                if idle is not None:
+                    idle()
+            if time.time() - began < patience:
                 os.sched_yield()
             else:
                 time.sleep(delay)
                 delay = min(delay * 2, MAX_DELAY)
         if recorder is not None:
             recorder.add("wait", began, time.time() - began)
-
-
-def usable_cores() -> int:
-    """Cores this process may run on."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        return os.cpu_count() or 1
 
 
 def aligned(nbytes: int) -> int:
