@@ -208,15 +208,24 @@ class Channel:
     def bcast_packet(self, kind: int = GO, start: int = 0, rows: int = 0,
                      arrays: Sequence[np.ndarray] = ()) -> tuple[int, int, int, list[np.ndarray]]:
         """Broadcast a packet from the root; every rank returns (kind, start, rows, arrays)."""
-        header = pack_header(kind, start, rows, arrays) if self.is_root else empty_header()
+        if self.is_root:
+            # The root posts the header and the arrays at once (collectives on one
+            # communicator match in order); the others learn the sizes from the header first.
+            header = pack_header(kind, start, rows, arrays)
+            first = self.comm.Ibcast(header, root=ROOT)
+            requests = [self.comm.Ibcast(_bytes(a), root=ROOT) for a in arrays if a.nbytes]
+            self.wait(first)  # every rank is there once it completes: the rest moves busily
+            for request in requests:
+                self.wait(request, busy=True)
+            return kind, start, rows, list(arrays)
+        header = empty_header()
         self.wait(self.comm.Ibcast(header, root=ROOT))
         kind, start, rows, layout = unpack_header(header)
-        if not self.is_root:
-            arrays = [self._receive_buffer(k, dtype, shape) for k, (dtype, shape) in enumerate(layout)]
+        arrays = [self._receive_buffer(k, dtype, shape) for k, (dtype, shape) in enumerate(layout)]
         for array in arrays:
             if array.nbytes:
                 self.wait(self.comm.Ibcast(_bytes(array), root=ROOT), busy=True)
-        return kind, start, rows, list(arrays)
+        return kind, start, rows, arrays
 
     def _receive_buffer(self, slot: int, dtype: np.dtype, shape: tuple) -> np.ndarray:
         """A view of a buffer kept between batches (fresh buffers each batch cost page faults);

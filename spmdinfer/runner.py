@@ -67,7 +67,8 @@ class RunSummary:
 
     @property
     def rows_per_second(self) -> float:
-        """Throughput of this run's scoring loop, after the models are loaded."""
+        """Throughput of this run's scoring loop: from the first batch (after the models are
+        loaded and the communicators, shared memory and threads are set up) to the end."""
         loop = self.seconds - self.load_seconds
         done = self.rows if self.rows_done is None else self.rows_done
         return done / loop if loop > 0 else 0.0
@@ -189,7 +190,7 @@ class _Run:
             program, identities = self._load(fields)
             starts = list(range(0, rows, self.spec.input.batch_size)) or [0]
             pending = self._schedule(identities, rows, starts)
-            loaded = time.monotonic()
+            self.loaded = time.monotonic()  # _loop sets it again when its set-up is done
             self._start_collector(rows, identities, len(starts))
             self.watchdog = Watchdog(self.spec.run.batch_timeout)
             self._loop(program, fields, pending, rows)
@@ -208,7 +209,7 @@ class _Run:
             if self.journal is not None:
                 self.journal.close()
             self._release()
-        return RunSummary(rows, batches, time.monotonic() - started, loaded - started,
+        return RunSummary(rows, batches, time.monotonic() - started, self.loaded - started,
                           self.spec.output.file, outcome=outcome, remaining=remaining,
                           rows_done=done)
 
@@ -369,6 +370,7 @@ class _Run:
                                     shared and [shared.slot_arrays(k) for k in range(SLOTS)])
         finished = False
         ahead = None  # the root's next batch, posted to the group before this one is finished
+        self.loaded = time.monotonic()  # start-up ends here: the loop starts with the first batch
         try:
             while True:
                 self.watchdog.kick()
