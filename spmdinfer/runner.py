@@ -575,24 +575,21 @@ class _Collector:
 
     def _commit(self, start: int, arrays: Sequence[np.ndarray]) -> None:
         """Make one finished batch durable, then write it (in the committer's thread)."""
-        try:
-            with self.world.recorder.span("write"):
-                self.journal.commit(start, arrays)
-        except OSError as exc:
-            full = "disk full" if _disk_full(exc) else "cannot write"
-            raise DataError(f"{full} while committing rows {start}..{start + self.batch_size - 1} "
-                            f"to {self.journal.folder} ({exc.strerror}); the batches committed so far "
-                            "are intact: make room and run again with --resume") from None
+        self._guarded(start, "committing", self.journal.folder, self.journal.commit, arrays)
         self._write(start, arrays)
 
     def _write(self, start: int, arrays: Sequence[np.ndarray]) -> None:
+        self._guarded(start, "writing", self.writer.temp_path, self.writer.write, arrays)
+
+    def _guarded(self, start: int, doing: str, where: Path, action, arrays) -> None:
+        """`action(start, arrays)`, with a failure to write told in one line."""
         try:
             with self.world.recorder.span("write"):
-                self.writer.write(start, arrays)
+                action(start, arrays)
         except OSError as exc:
             full = "disk full" if _disk_full(exc) else "cannot write"
-            raise DataError(f"{full} while writing rows {start}..{start + self.batch_size - 1} to "
-                            f"{self.writer.temp_path} ({exc}); the batches committed so far are "
+            raise DataError(f"{full} while {doing} rows {start}..{start + self.batch_size - 1} to "
+                            f"{where} ({exc.strerror or exc}); the batches committed so far are "
                             f"intact in {self.journal.folder}: make room and run again with "
                             "--resume") from None
 

@@ -9,8 +9,9 @@ writes its "done" sequence number; the root combines the outputs from the segmen
 
 So a batch costs the group two stores and two polls of shared memory, whatever the
 number of ranks, where messages cost a broadcast tree and a gather, each step of which
-needs the rank on the receiving end to be awake. Waiting ranks poll the control block
-politely (see `Waiter`) and check the job's failure notices while they do.
+needs the rank on the receiving end to be awake. The root posts the next batch before it
+waits for this one's outputs, so the others go straight on to it. Waiting ranks poll the
+control block politely (see `Waiter`) and check the job's failure notices while they do.
 
 Output segments are sized from the first batch's outputs, whose layouts every rank
 agrees on through messages (`combine.Combiner`); later batches must keep those layouts.
