@@ -26,6 +26,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from .errors import PeerFailed
+from .topology import usable_cores
 
 ROOT = 0
 YIELD_SECONDS = 1e-3  # with a core per rank, yield between tests this long before sleeping
@@ -335,14 +336,6 @@ class PacketReceiver:
             self._data_requests.pop(0)
         kind, start, rows, _ = unpack_header(self.header)
         return kind, start, rows, self.arrays
-
-
-def usable_cores() -> int:
-    """Cores this process may run on."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        return os.cpu_count() or 1
 
 
 def header_size() -> int:

@@ -195,7 +195,8 @@ CHUNK_ADDRESSES_INCLUDE_USERBLOCK = (1, 14, 4)
 
 def direct_rows(dataset, file) -> DirectRows | None:
     """Where `dataset`'s rows lie in `file`, if the stored bytes are exactly the values h5py
-    would return, rows contiguous; None where h5py must read it.
+    would return, rows contiguous; None where h5py must read (or write) it. The input's
+    datasets are read there, and the output's early-allocated chunks written there.
 
     Direct: contiguous storage that is allocated, and chunked storage with no filters whose
     chunks span whole rows (chunk shape (k,) + row shape). Not direct: compact storage,
@@ -335,6 +336,14 @@ def pread_into(fd: int, view: memoryview, offset: int) -> int:
             break
         done += got
     return done
+
+
+def pwrite_from(fd: int, view: memoryview, offset: int) -> None:
+    """Write all of `view` at `offset` of `fd`, looping over short writes. os.pwritev
+    releases the GIL."""
+    done = 0
+    while done < len(view):
+        done += os.pwritev(fd, [view[done:]], offset + done)
 
 
 def with_chunk_cache(dataset, batch_size: int):
@@ -610,7 +619,7 @@ class OutputWriter:
         self._attrs = dict(attrs or {})
         self._fd: int | None = None
         self._datasets = None
-        self._places: list[ChunkPlaces | None] = []
+        self._places: list[DirectRows | None] = []   # per dataset: where its rows lie, if known
         self._slab: list[Sequence[np.ndarray]] = []   # consecutive batches not yet written
         self._slab_start = self._slab_stop = 0
         self._slab_bytes = 0
@@ -627,12 +636,19 @@ class OutputWriter:
             self._datasets = [self._create(path, a) for (_, path), a in
                               zip(self._spec.datasets, arrays)]
             self._write_attrs()
-            self._places = [ChunkPlaces.of(d, self._file) for d in self._datasets]
+            self._places = [direct_rows(d, self._file) for d in self._datasets]
             if any(self._places):
                 self._fd = os.open(self.temp_path, os.O_WRONLY)
-        for places, array in zip(self._places, arrays):
-            if places is not None and len(array):
-                places.write(self._fd, start, array)
+        for dataset, places, array in zip(self._datasets, self._places, arrays):
+            if places is None or not len(array):
+                continue
+            pieces = places.pieces(start, start + len(array))
+            if pieces is None:  # a chunk HDF5 did not report allocated: let it place the rows
+                dataset[start:start + len(array)] = array
+                continue
+            data = np.ascontiguousarray(array, dtype=places.dtype).reshape(-1).view(np.uint8)
+            for offset, size, at in pieces:
+                pwrite_from(self._fd, memoryview(data[at:at + size]), offset)
         if all(self._places):
             return
         if self._slab and start != self._slab_stop:
@@ -705,59 +721,3 @@ class OutputWriter:
             pass
         self.temp_path.unlink(missing_ok=True)
 
-
-class ChunkPlaces:
-    """Where each row of an early-allocated, unfiltered chunked dataset lives in the file:
-    the byte offset of every chunk (chunks span whole rows, so a chunk's rows are
-    contiguous)."""
-
-    def __init__(self, offsets: np.ndarray, chunk_rows: int, row_bytes: int, dtype: np.dtype):
-        self.offsets = offsets
-        self.chunk_rows = chunk_rows
-        self.row_bytes = row_bytes
-        self.dtype = dtype
-
-    @classmethod
-    def of(cls, dataset, file) -> ChunkPlaces | None:
-        """The places of `dataset`'s rows, or None when h5py must write it (filters, a chunk
-        not allocated, a driver other than the default, an HDF5 without chunk_iter)."""
-        chunks = dataset.chunks
-        if chunks is None or dataset.compression or dataset.shape[0] == 0 or \
-                file.driver != "sec2" or chunks[1:] != dataset.shape[1:] or \
-                dataset.id.get_create_plist().get_nfilters():
-            return None
-        count = -(-dataset.shape[0] // chunks[0])
-        offsets = np.full(count, -1, dtype=np.int64)
-
-        def visit(info):
-            offsets[info.chunk_offset[0] // chunks[0]] = info.byte_offset
-
-        try:
-            dataset.id.chunk_iter(visit)
-        except (AttributeError, NotImplementedError, RuntimeError):
-            return None
-        if (offsets < 0).any():
-            return None
-        row_bytes = int(np.prod(chunks[1:], dtype=np.int64)) * dataset.dtype.itemsize
-        return cls(offsets, chunks[0], row_bytes, dataset.dtype)
-
-    def write(self, fd: int, start: int, array: np.ndarray) -> None:
-        """Write `array` (rows start..start+len) at its places, one pwritev per run of
-        adjacent chunks."""
-        data = np.ascontiguousarray(array, dtype=self.dtype).reshape(-1).view(np.uint8)
-        stop = start + len(array)
-        pieces: list[list[int]] = []  # [file offset, buffer offset, bytes]
-        for chunk in range(start // self.chunk_rows, (stop - 1) // self.chunk_rows + 1):
-            first = max(start, chunk * self.chunk_rows)
-            last = min(stop, (chunk + 1) * self.chunk_rows)
-            where = int(self.offsets[chunk]) + (first - chunk * self.chunk_rows) * self.row_bytes
-            size = (last - first) * self.row_bytes
-            if pieces and pieces[-1][0] + pieces[-1][2] == where:
-                pieces[-1][2] += size
-            else:
-                pieces.append([where, (first - start) * self.row_bytes, size])
-        for where, at, size in pieces:
-            view = data[at:at + size]
-            done = 0
-            while done < size:
-                done += os.pwritev(fd, [view[done:]], where + done)

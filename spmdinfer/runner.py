@@ -198,7 +198,7 @@ class _Run:
                 self.collector.drain()
             self.world.flush()
             self.watchdog.stop()
-            outcome, remaining, batches, done = self._finish(identities, rows, starts)
+            outcome, remaining, batches, done = self._finish(starts)
         except BaseException as exc:
             raise self._fail(exc) from None
         finally:
@@ -486,8 +486,8 @@ class _Run:
 
     # The end.
 
-    def _finish(self, identities: list, rows: int, starts: list[int]) -> tuple[str, int, int, int]:
-        """Rank 0 assembles the output once every batch is committed; every rank learns the
+    def _finish(self, starts: list[int]) -> tuple[str, int, int, int]:
+        """Rank 0 completes the output once every batch is committed; every rank learns the
         outcome ("complete" or "stopped"), the batches still to do, and the batches and rows
         done this run."""
         error = result = None

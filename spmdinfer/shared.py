@@ -64,23 +64,26 @@ class SharedBatches:
     def __init__(self, group: Channel, fields: Sequence[InputField], capacity: int):
         from mpi4py import MPI
 
-        self._mpi = MPI
         self.group = group
-        self.fields = list(fields)
         self.capacity = capacity
-        self.rank, self.size = group.rank, group.size
         offsets, size = [], 0
-        for f in self.fields:
+        for f in fields:
             offsets.append(size)
             size += aligned(f.row_bytes * capacity)
-        self._field_offsets, self._slot_bytes = offsets, size
-        control = aligned(8 * CELL * (1 + SLOTS + self.size))
+        control = aligned(8 * CELL * (1 + SLOTS + group.size))
         self._window = MPI.Win.Allocate_shared(control + SLOTS * size if group.is_root else 0, 1,
                                                comm=group.comm)
         self._window.Lock_all(MPI.MODE_NOCHECK)
         memory = np.frombuffer(self._window.Shared_query(0)[0], dtype=np.uint8)
         self._control = memory[:control].view(np.int64)
-        self._slots = [memory[control + k * size:control + (k + 1) * size] for k in range(SLOTS)]
+        self._posted = self._control[:CELL * (1 + SLOTS):CELL]  # DONE's and each slot's sequence
+        self._done = self._control[CELL * (1 + SLOTS):CELL * (1 + SLOTS + group.size):CELL]
+        self._slots = []  # per slot, each field's array at full capacity
+        for k in range(SLOTS):
+            slot = memory[control + k * size:control + (k + 1) * size]
+            self._slots.append([slot[o:o + f.row_bytes * capacity].view(np.dtype(f.dtype))
+                                .reshape((capacity,) + f.row_shape)
+                                for f, o in zip(fields, offsets)])
         if group.is_root:
             self._control[:] = 0
         self._sync()
@@ -93,12 +96,7 @@ class SharedBatches:
 
     def slot_arrays(self, slot: int, rows: int | None = None) -> list[np.ndarray]:
         """Views of the input fields in `slot` (the first `rows` rows, or all)."""
-        rows = self.capacity if rows is None else rows
-        views = []
-        for f, offset in zip(self.fields, self._field_offsets):
-            raw = self._slots[slot][offset:offset + f.row_bytes * rows]
-            views.append(raw.view(np.dtype(f.dtype)).reshape((rows,) + f.row_shape))
-        return views
+        return [array[:rows] for array in self._slots[slot]]
 
     def post(self, kind: int, start: int, rows: int, slot: int) -> int:
         """Root: publish the batch in `slot`, or DONE (no more batches; `slot` is ignored);
@@ -121,7 +119,7 @@ class SharedBatches:
         """Others: wait for the root's next batch; (kind, start, rows, arrays in place)."""
         self._sequence += 1
         wanted = self._sequence
-        posted = self._control[:CELL * (1 + SLOTS):CELL]  # DONE's and each slot's sequence
+        posted = self._posted
         self.waiter.until(lambda: bool((posted == wanted).any()))
         self._sync()
         cell = CELL * int(np.argmax(posted == wanted))
@@ -151,11 +149,10 @@ class SharedBatches:
             if outputs is not None:
                 self._outputs.put(outputs, self._sequence % HALVES)
             self._sync()
-            self._control[CELL * (1 + SLOTS + self.rank)] = self._sequence
+            self._done[self.group.rank] = self._sequence
             return None
-        first = CELL * (1 + SLOTS)
-        cells = self._control[first + CELL:first + CELL * self.size:CELL]
-        self.waiter.until(lambda: bool((cells >= sequence).all()))
+        others = self._done[1:]
+        self.waiter.until(lambda: bool((others >= sequence).all()))
         self._sync()
         return None if self._outputs is None else self._outputs.views(rows, sequence % HALVES)
 
@@ -171,46 +168,43 @@ class SharedBatches:
 
 
 class _Outputs:
-    """One segment per rank, holding its outputs for one batch; the root maps them all."""
+    """One segment per rank, holding its outputs for HALVES batches; the root maps them all."""
 
     def __init__(self, group: Channel, layouts, capacity: int):
         from mpi4py import MPI
 
         self.rank = group.rank
-        # Per rank: (dtype, row shape, offset in the segment) of each output.
-        self._places = []
+        # Per rank: (dtype, row shape, offset in one half of the segment) of each output.
+        places, sizes = [], []
         for rank_layout in layouts:
-            places, offset = [], 0
+            mine, offset = [], 0
             for dtype, shape in rank_layout:
                 dtype, row_shape = np.dtype(dtype), tuple(shape[1:])
-                places.append((dtype, row_shape, offset))
-                offset += aligned(dtype.itemsize * int(np.prod(row_shape, dtype=np.int64)) * capacity)
-            self._places.append((places, offset))
-        size = self._places[self.rank][1]
-        self._window = MPI.Win.Allocate_shared(max(HALVES * size, 1), 1, comm=group.comm)
+                nbytes = dtype.itemsize * int(np.prod(row_shape, dtype=np.int64)) * capacity
+                mine.append((dtype, (capacity,) + row_shape, offset, nbytes))
+                offset += aligned(nbytes)
+            places.append(mine)
+            sizes.append(offset)
+        self._window = MPI.Win.Allocate_shared(max(HALVES * sizes[self.rank], 1), 1,
+                                               comm=group.comm)
         self._window.Lock_all(MPI.MODE_NOCHECK)
-        ranks = range(group.size) if group.is_root else [self.rank]
-        self._segments = {r: np.frombuffer(self._window.Shared_query(r)[0], dtype=np.uint8)
-                          for r in ranks}
+        # self._arrays[rank][half]: that rank's outputs at full capacity (the root maps the
+        # other ranks' segments, each other rank its own).
+        self._arrays: dict[int, list[list[np.ndarray]]] = {}
+        for rank in (range(1, group.size) if group.is_root else [self.rank]):
+            segment = np.frombuffer(self._window.Shared_query(rank)[0], dtype=np.uint8)
+            halves = [segment[h * sizes[rank]:(h + 1) * sizes[rank]] for h in range(HALVES)]
+            self._arrays[rank] = [[half[o:o + n].view(dtype).reshape(shape)
+                                   for dtype, shape, o, n in places[rank]] for half in halves]
         group.barrier()
 
-    def _arrays(self, rank: int, rows: int, half: int) -> list[np.ndarray]:
-        places, size = self._places[rank]
-        segment = self._segments[rank][half * size:(half + 1) * size]
-        arrays = []
-        for dtype, row_shape, offset in places:
-            nbytes = dtype.itemsize * int(np.prod(row_shape, dtype=np.int64)) * rows
-            arrays.append(segment[offset:offset + nbytes].view(dtype).reshape((rows,) + row_shape))
-        return arrays
-
     def put(self, outputs: Sequence[np.ndarray], half: int) -> None:
-        rows = len(outputs[0]) if outputs else 0
-        for target, output in zip(self._arrays(self.rank, rows, half), outputs):
-            target[...] = output
+        for target, output in zip(self._arrays[self.rank][half], outputs):
+            target[:len(output)] = output
 
     def views(self, rows: int, half: int) -> list[list[np.ndarray]]:
-        """Every rank's outputs (the root's own segment is unused: it has them at hand)."""
-        return [self._arrays(r, rows, half) if r else [] for r in range(len(self._places))]
+        """Every rank's outputs (none for the root, which has its own at hand)."""
+        return [[]] + [[a[:rows] for a in self._arrays[r][half]] for r in sorted(self._arrays)]
 
     def close(self) -> None:
         self._window.Unlock_all()

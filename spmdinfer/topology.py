@@ -185,8 +185,15 @@ def threads_for(device: DeviceSpec, local_size: int) -> int:
     """CPU threads per rank: as set, or the node's cores shared evenly by its ranks."""
     if device.threads:
         return device.threads
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return max(1, (cores or 1) // max(1, local_size))
+    return max(1, usable_cores() // max(1, local_size))
+
+
+def usable_cores() -> int:
+    """Cores this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
 
 
 def _shared_split_type() -> int:

@@ -90,6 +90,17 @@ def read_and_compare(path, datasets=("/x",), batch_size=64, starts=None, buffers
             reader.close()
 
 
+def read_checked(path, direct, batch_size=64) -> int:
+    """Open a reader, check which path each dataset takes, read and compare every batch;
+    returns the number of batches read."""
+    reader = open_reader(path, batch_size=batch_size)
+    try:
+        assert reader.direct == direct
+        return read_and_compare(path, batch_size=batch_size, reader=reader)
+    finally:
+        reader.close()
+
+
 def random_rows(shape, dtype, seed=0) -> np.ndarray:
     rng = np.random.default_rng(seed)
     dtype = np.dtype(dtype)
@@ -117,13 +128,7 @@ def write(path, arrays: dict, libver=None, userblock_size=None, **options):
 
 def test_contiguous_is_read_directly_one_preadv_per_batch(tmp_path, calls):
     path = write(tmp_path / "in.h5", {"x": random_rows((1000, 16), np.float32)})
-    reader = open_reader(path)
-    try:
-        assert reader.direct == [True]
-        batches = read_and_compare(path, reader=reader)
-    finally:
-        reader.close()
-    assert batches == 16  # the last one partial (1000 = 15 * 64 + 40)
+    assert read_checked(path, [True]) == 16  # the last one partial (1000 = 15 * 64 + 40)
     assert (calls.preadv, calls.h5py) == (16, 0)
 
 
@@ -134,13 +139,7 @@ def test_chunked_is_read_directly_and_merged_into_one_preadv_per_batch(tmp_path,
     # a partial last batch and a partial last chunk.
     path = write(tmp_path / "in.h5", {"x": random_rows((1000, 16), np.float32)},
                  chunks=(chunk_rows, 16))
-    reader = open_reader(path)
-    try:
-        assert reader.direct == [True]
-        batches = read_and_compare(path, reader=reader)
-    finally:
-        reader.close()
-    assert batches == 16
+    assert read_checked(path, [True]) == 16
     assert calls.h5py == 0
     if chunk_rows > 1:  # chunks written in order lie one after another: a batch is one read
         assert calls.preadv == 16
@@ -320,12 +319,7 @@ def test_nothing_written_at_all(tmp_path, calls):
 def test_filtered_chunks_fall_back_to_h5py(tmp_path, calls, filters):
     path = write(tmp_path / "in.h5", {"x": random_rows((1000, 16), np.int32)}, chunks=(48, 16),
                  **filters)
-    reader = open_reader(path)
-    try:
-        assert reader.direct == [False]
-        assert read_and_compare(path, reader=reader) == 16
-    finally:
-        reader.close()
+    assert read_checked(path, [False]) == 16
     assert (calls.preadv, calls.h5py) == (0, 16)
 
 
@@ -333,12 +327,7 @@ def test_filtered_chunks_fall_back_to_h5py(tmp_path, calls, filters):
 def test_chunks_splitting_rows_fall_back_to_h5py(tmp_path, calls, chunks):
     shape = (1000, 16) if len(chunks) == 2 else (1000, 3, 4)
     path = write(tmp_path / "in.h5", {"x": random_rows(shape, np.float32)}, chunks=chunks)
-    reader = open_reader(path)
-    try:
-        assert reader.direct == [False]
-        assert read_and_compare(path, reader=reader) == 16
-    finally:
-        reader.close()
+    assert read_checked(path, [False]) == 16
     assert (calls.preadv, calls.h5py) == (0, 16)
 
 
@@ -347,12 +336,7 @@ def test_chunks_wider_than_the_rows_fall_back_to_h5py(tmp_path, calls):
     with h5py.File(path, "w") as f:
         f.create_dataset("x", data=random_rows((100, 3), np.float32), chunks=(10, 4),
                          maxshape=(None, None))
-    reader = open_reader(path, batch_size=30)
-    try:
-        assert reader.direct == [False]  # chunks of 4 columns, rows of 3
-        assert read_and_compare(path, batch_size=30, reader=reader) == 4
-    finally:
-        reader.close()
+    assert read_checked(path, [False], batch_size=30) == 4  # chunks of 4 columns, rows of 3
     assert (calls.preadv, calls.h5py) == (0, 4)
 
 
@@ -362,12 +346,7 @@ def test_compact_storage_falls_back_to_h5py(tmp_path, calls):
         dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
         dcpl.set_layout(h5py.h5d.COMPACT)
         f.create_dataset("x", data=random_rows((100, 4), np.float32), dcpl=dcpl)
-    reader = open_reader(path, batch_size=30)
-    try:
-        assert reader.direct == [False]
-        assert read_and_compare(path, batch_size=30, reader=reader) == 4
-    finally:
-        reader.close()
+    assert read_checked(path, [False], batch_size=30) == 4
     assert (calls.preadv, calls.h5py) == (0, 4)
 
 
@@ -401,12 +380,7 @@ def test_integers_of_odd_precision_are_converted_by_h5py(tmp_path, calls):
         space = h5py.h5s.create_simple((100, 4))
         h5py.h5d.create(f.id, b"x", odd, space)
         f["x"][...] = np.arange(400, dtype=np.int16).reshape(100, 4) - 200
-    reader = open_reader(path, batch_size=30)
-    try:
-        assert reader.direct == [False]
-        assert read_and_compare(path, batch_size=30, reader=reader) == 4
-    finally:
-        reader.close()
+    assert read_checked(path, [False], batch_size=30) == 4
     assert (calls.preadv, calls.h5py) == (0, 4)
 
 
