@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import re
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import h5py
@@ -29,6 +33,58 @@ def run_cli(*args, n: int | None = None, timeout: float = MPI_TIMEOUT, env: dict
     full_env = {**os.environ, "GLOG_v": "3", **(env or {})}
     return subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=full_env,
                           cwd=cwd or REPO, stdin=subprocess.DEVNULL)
+
+
+def rank_pids(job: Path) -> dict[int, int]:
+    """rank -> pid of the spmdinfer processes running `job` (read from their PMI_RANK)."""
+    pids = {}
+    for proc in Path("/proc").iterdir():
+        try:
+            if not proc.name.isdigit() or str(job) not in (proc / "cmdline").read_text():
+                continue
+            env = dict(item.split("=", 1) for item in (proc / "environ").read_text().split("\0")
+                       if "=" in item)
+        except (OSError, ValueError):
+            continue
+        if "PMI_RANK" in env and "spmdinfer" in (proc / "cmdline").read_text():
+            pids[int(env["PMI_RANK"])] = int(proc.name)
+    return pids
+
+
+@contextlib.contextmanager
+def held(pids, until_pending: signal.Signals | None = None, timeout: float = 30):
+    """The processes `pids` stopped (SIGSTOP) while the body runs, then continued (SIGCONT).
+
+    Tests that stop, kill or lock out a run mid-way hold its ranks first: a fast machine
+    finishes a short job before a signal sent through mpiexec or Slurm reaches them. With
+    `until_pending`, leaving first waits until that signal is pending on every rank still
+    stopped (a stopped process takes it when continued), so it lands mid-run, always."""
+    pids = list(pids)
+    for pid in pids:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        yield
+        waiting, deadline = set(pids), time.monotonic() + timeout
+        while until_pending and waiting:
+            waiting = {pid for pid in waiting if _stopped_without(pid, until_pending)}
+            assert time.monotonic() < deadline, (
+                f"{until_pending.name} never reached processes {sorted(waiting)}")
+            time.sleep(0.02)
+    finally:
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
+
+
+def _stopped_without(pid: int, signum: signal.Signals) -> bool:
+    """Whether process `pid` is stopped and `signum` is not pending on it (False once gone)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
+    state = re.search(r"^State:\s+(\S)", status, re.M)[1]
+    pending = int(re.search(r"^ShdPnd:\s+(\S+)", status, re.M)[1], 16)
+    return state == "T" and not pending & (1 << (signum - 1))
 
 
 def write_job(folder: Path, doc: dict, name: str = "job.toml") -> Path:

@@ -18,8 +18,8 @@ import pytest
 
 from spmdinfer.journal import committed_batches
 from tests.cells import FixedBatchOnly, MatMulNeg
-from tests.conftest import (MPIEXEC, REPO, assert_clean_error, dynamic, export_mindir, matmul_job,
-                            run_cli, write_h5, write_job)
+from tests.conftest import (MPIEXEC, REPO, assert_clean_error, dynamic, export_mindir, held,
+                            matmul_job, rank_pids, run_cli, write_h5, write_job)
 
 EXIT_STOPPED = 75
 ROWS, BATCH = 3000, 10
@@ -31,22 +31,6 @@ def start_run(job: Path, n: int, *extra) -> subprocess.Popen:
                             text=True, env={**os.environ, "GLOG_v": "3"}, start_new_session=True)
 
 
-def rank_pids(job: Path) -> dict[int, int]:
-    """rank -> pid of the spmdinfer processes running `job` (read from their PMI_RANK)."""
-    pids = {}
-    for proc in Path("/proc").iterdir():
-        try:
-            if not proc.name.isdigit() or str(job) not in (proc / "cmdline").read_text():
-                continue
-            env = dict(item.split("=", 1) for item in (proc / "environ").read_text().split("\0")
-                       if "=" in item)
-        except OSError:
-            continue
-        if "PMI_RANK" in env and "spmdinfer" in (proc / "cmdline").read_text():
-            pids[int(env["PMI_RANK"])] = int(proc.name)
-    return pids
-
-
 def committed(folder: Path) -> int:
     return committed_batches(folder / "out" / "result.h5")
 
@@ -55,7 +39,7 @@ def wait_for(predicate, timeout: float = 120.0) -> None:
     deadline = time.monotonic() + timeout
     while not predicate():
         assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.05)
+        time.sleep(0.01)
 
 
 def datasets(path: Path) -> dict:
@@ -107,7 +91,8 @@ def test_kill_9_then_resume_is_bitwise_identical(reference, tmp_path, rank, seed
     wait_for(lambda: committed(tmp_path) >= at or run.poll() is not None)
     assert run.poll() is None, "the run ended before the kill"
     pids = rank_pids(job)
-    os.kill(pids[rank], signal.SIGKILL)
+    with held(pids.values()):
+        os.kill(pids[rank], signal.SIGKILL)
     killed = time.monotonic()
     run.communicate(timeout=60)
     gone = time.monotonic() - killed
@@ -125,7 +110,8 @@ def test_signal_stops_at_a_batch_boundary_then_resume(reference, tmp_path, signu
     job = copy_job(reference, tmp_path)
     run = start_run(job, 4)
     wait_for(lambda: committed(tmp_path) >= 20)
-    run.send_signal(signum)  # to mpiexec, which forwards it to every rank
+    with held(rank_pids(job).values(), until_pending=signum):
+        run.send_signal(signum)  # to mpiexec, which forwards it to every rank
     _, stderr = run.communicate(timeout=60)
     assert run.returncode == EXIT_STOPPED, stderr
     assert "stopped early" in stderr and "--resume" in stderr
@@ -139,8 +125,9 @@ def test_signals_in_quick_succession_are_one_request(reference, tmp_path):
     job = copy_job(reference, tmp_path)
     run = start_run(job, 4)
     wait_for(lambda: committed(tmp_path) >= 10)
-    run.send_signal(signal.SIGTERM)
-    run.send_signal(signal.SIGTERM)
+    with held(rank_pids(job).values(), until_pending=signal.SIGTERM):
+        run.send_signal(signal.SIGTERM)
+        run.send_signal(signal.SIGTERM)
     _, stderr = run.communicate(timeout=60)
     assert run.returncode == EXIT_STOPPED and "stopped early" in stderr
     resume_and_compare(reference, tmp_path, job)
@@ -150,8 +137,10 @@ def test_without_resume_a_partial_run_is_never_touched(reference, tmp_path):
     job = copy_job(reference, tmp_path)
     run = start_run(job, 4)
     wait_for(lambda: committed(tmp_path) >= 5)
-    run.send_signal(signal.SIGUSR1)
+    with held(rank_pids(job).values(), until_pending=signal.SIGUSR1):
+        run.send_signal(signal.SIGUSR1)
     run.communicate(timeout=60)
+    assert run.returncode == EXIT_STOPPED
     before = {p.name: p.read_bytes() for p in (tmp_path / "out" / "result.h5.parts").iterdir()}
     result = run_cli("run", job, n=4)
     assert_clean_error(result, "a partial run left", "--resume", "--overwrite")
@@ -169,8 +158,10 @@ def test_resume_refuses_a_changed_job_input_or_slice(reference, tmp_path, change
     job = copy_job(reference, tmp_path)
     run = start_run(job, 4)
     wait_for(lambda: committed(tmp_path) >= 5)
-    run.send_signal(signal.SIGUSR1)
+    with held(rank_pids(job).values(), until_pending=signal.SIGUSR1):
+        run.send_signal(signal.SIGUSR1)
     run.communicate(timeout=60)
+    assert run.returncode == EXIT_STOPPED
     if change == "job":
         job = write_job(tmp_path, {**doc, "run": {"max_attempts": 5}})
     elif change == "input":
@@ -227,19 +218,14 @@ def test_second_run_on_the_same_output_fails_fast_and_stale_lock_is_taken(refere
     wait_for(lambda: committed(tmp_path) >= 3)
     # Hold the first run's ranks (they finish 300 batches in about a second, sooner than a
     # second mpiexec starts) so that it still holds the lock while the second one starts.
-    ranks = rank_pids(job)
-    for pid in ranks.values():
-        os.kill(pid, signal.SIGSTOP)
-    try:
+    with held(rank_pids(job).values(), until_pending=signal.SIGUSR1):
         started = time.monotonic()
         result = run_cli("run", job, "--resume", n=2)
         assert time.monotonic() - started < 30
-    finally:
-        for pid in ranks.values():
-            os.kill(pid, signal.SIGCONT)
+        run.send_signal(signal.SIGUSR1)
     assert_clean_error(result, "another run is writing it", "result.h5.lock")
-    run.send_signal(signal.SIGUSR1)
     run.communicate(timeout=60)
+    assert run.returncode == EXIT_STOPPED
     # A lock left by a process that no longer exists does not block --resume.
     (tmp_path / "out" / "result.h5.lock").write_text(f"{os.uname().nodename} 999999999\n")
     resume_and_compare(reference, tmp_path, job)
@@ -249,7 +235,12 @@ def test_watchdog_ends_a_frozen_rank(reference, tmp_path):
     job = copy_job(reference, tmp_path, batch_timeout=3)
     run = start_run(job, 4)
     wait_for(lambda: committed(tmp_path) >= 5)
-    os.kill(rank_pids(job)[1], signal.SIGSTOP)
+    pids = rank_pids(job)
+    for pid in pids.values():   # all stopped, then all but rank 1 continued: the run cannot
+        os.kill(pid, signal.SIGSTOP)  # end before rank 1 freezes
+    for rank, pid in pids.items():
+        if rank != 1:
+            os.kill(pid, signal.SIGCONT)
     stopped = time.monotonic()
     _, stderr = run.communicate(timeout=60)
     assert run.returncode != 0

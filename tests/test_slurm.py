@@ -8,9 +8,11 @@ rank here ever talks to another node.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
+import signal
 import sys
 import time
 from pathlib import Path
@@ -20,7 +22,8 @@ import numpy as np
 import pytest
 
 from spmdinfer.journal import committed_batches
-from tests.conftest import REPO, export_mindir, dynamic, read_h5, run_cli, write_h5, write_job
+from tests.conftest import (REPO, dynamic, export_mindir, held, rank_pids, read_h5, run_cli,
+                            write_h5, write_job)
 from tests.slurm_cluster import SlurmCluster, SlurmError
 
 SCRIPTS = REPO / "slurm"
@@ -199,8 +202,7 @@ def long_job(folder: Path, template: Path, x: np.ndarray) -> Path:
 
 
 def wait_until_scoring(slurm: SlurmCluster, job_id: str, output: Path) -> None:
-    """Until a few batches are committed (records in FILE.parts/batches.log), or 30 s: early,
-    so that a stop sent now lands well before the last batch."""
+    """Until a few batches are committed (records in FILE.parts/batches.log), or 30 s."""
     slurm.wait(job_id, timeout=60, until=lambda records: records[0]["JobState"] != "PENDING")
     started = time.monotonic()
     while time.monotonic() - started < 30:
@@ -208,7 +210,19 @@ def wait_until_scoring(slurm: SlurmCluster, job_id: str, output: Path) -> None:
             return
         if slurm.jobs(job_id)[0]["JobState"] != "RUNNING":
             return
-        time.sleep(0.1)
+        time.sleep(0.02)
+
+
+@contextlib.contextmanager
+def held_mid_run(slurm: SlurmCluster, job_id: str, job: Path, output: Path, stop: signal.Signals):
+    """Once a few batches are committed, the job's ranks held (SIGSTOP) while the body sends
+    `stop` its way through Slurm, and continued once it is pending on them: without this a
+    fast machine finishes the 2000 batches before Slurm's signal reaches the ranks."""
+    wait_until_scoring(slurm, job_id, output)
+    pids = rank_pids(job)
+    assert sorted(pids) == [0, 1], (pids, slurm.jobs(job_id))
+    with held(pids.values(), until_pending=stop):
+        yield
 
 
 @pytest.mark.parametrize("script,launcher,action", [
@@ -229,11 +243,12 @@ def test_preempted_job_is_requeued_and_resumes(slurm, tmp_path, long_run, script
     output = job.parent / "out" / "result.h5"
     job_id = slurm.sbatch(SCRIPTS / script, "--nodes=1", "--ntasks-per-node=2", cwd=job.parent,
                           env=job_env(JOB=str(job), VENV_BIN=str(VENV_BIN), LAUNCHER=launcher))
-    wait_until_scoring(slurm, job_id, output)
-    if action == "requeue":
-        slurm.command("scontrol", "requeue", job_id)
-    else:
-        slurm.command("scancel", f"--signal={action}", "--batch", job_id)
+    stop = signal.SIGTERM if action == "requeue" else signal.SIGUSR1
+    with held_mid_run(slurm, job_id, job, output, stop):
+        if action == "requeue":
+            slurm.command("scontrol", "requeue", job_id)
+        else:
+            slurm.command("scancel", f"--signal={action}", "--batch", job_id)
 
     log = finished(slurm, job_id, job.parent / f"spmdinfer-{job_id}.out", timeout=300)
     (record,) = slurm.jobs(job_id)
@@ -264,8 +279,8 @@ def test_cancelled_job_stays_cancelled_and_resumes_when_resubmitted(slurm, tmp_p
     env = job_env(JOB=str(job), VENV_BIN=str(VENV_BIN))
     first = slurm.sbatch(SCRIPTS / "single-node.sbatch", "--ntasks-per-node=2", cwd=job.parent,
                          env=env)
-    wait_until_scoring(slurm, first, output)
-    slurm.command("scancel", first)
+    with held_mid_run(slurm, first, job, output, signal.SIGTERM):
+        slurm.command("scancel", first)
     (record,) = slurm.wait(first)
     assert (record["JobState"], record["Restarts"]) == ("CANCELLED", "0"), record
     assert not output.exists()
