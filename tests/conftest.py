@@ -63,6 +63,11 @@ def held(pids, until_pending: signal.Signals | None = None, timeout: float = 30)
     for pid in pids:
         os.kill(pid, signal.SIGSTOP)
     try:
+        # kill() returns before the process stops; a signal sent in between would be taken.
+        deadline = time.monotonic() + timeout
+        while not all(map(_stopped_or_gone, pids)):
+            assert time.monotonic() < deadline, f"processes {pids} did not stop"
+            time.sleep(0.005)
         yield
         waiting, deadline = set(pids), time.monotonic() + timeout
         while until_pending and waiting:
@@ -74,6 +79,16 @@ def held(pids, until_pending: signal.Signals | None = None, timeout: float = 30)
         for pid in pids:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGCONT)
+
+
+def _stopped_or_gone(pid: int) -> bool:
+    """Whether every thread of process `pid` is stopped, or the process is gone."""
+    try:
+        states = [(task / "stat").read_text().rsplit(")", 1)[1].split()[0]
+                  for task in Path(f"/proc/{pid}/task").iterdir()]
+    except OSError:
+        return True
+    return all(state in "TZX" for state in states)
 
 
 def _stopped_without(pid: int, signum: signal.Signals) -> bool:
