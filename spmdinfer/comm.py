@@ -45,6 +45,30 @@ PACKET_TAG = 11
 GO, DONE = 0, 1
 
 
+# Nonblocking operations a failing rank stopped waiting for. mpi4py lets go of a request's
+# buffer when its Request object goes, yet MPI may still write a pending receive into that
+# buffer (a peer's packet arriving while this rank shuts down): freed memory, a corrupted heap,
+# and a crash in MPI_Finalize long after the error was reported. They are kept here, buffers
+# and all, until `finalize` has shut MPI down.
+_abandoned: list = []
+
+
+def abandon(requests) -> None:
+    """Keep these requests (and so their buffers) until MPI is finalized, unless complete."""
+    _abandoned.extend(request for request in requests if request)
+
+
+def finalize() -> None:
+    """Shut MPI down now, while abandoned requests still hold their buffers (a failed run
+    calls this before the interpreter's teardown frees them; mpi4py's own MPI_Finalize at
+    exit then has nothing left to do)."""
+    from mpi4py import MPI
+
+    if MPI.Is_initialized() and not MPI.Is_finalized():
+        MPI.Finalize()
+    _abandoned.clear()
+
+
 class Peers:
     """Notices between all ranks of the job: "this rank failed" (every rank stops now) and
     "stop requested" (every replica stops at its next batch boundary)."""
@@ -95,6 +119,7 @@ class Peers:
         if self._request:  # still pending: nobody failed
             self._request.Cancel()
             self._request.Wait()
+        abandon(request for request, _ in self._sent)
         self.comm.Free()
 
 
@@ -151,18 +176,22 @@ class Channel:
         began = time.time()
         delay = MIN_DELAY
         polls = 0
-        while not request.Test():
-            polls += 1
-            yielding = busy or time.time() - began < self.patience
-            if not yielding or polls % CHECK_EVERY == 0:
-                self.peers.check()
-                if self.idle is not None:
-                    self.idle()
-            if yielding:
-                os.sched_yield()
-            else:
-                time.sleep(delay)
-                delay = min(delay * 2, MAX_DELAY)
+        try:
+            while not request.Test():
+                polls += 1
+                yielding = busy or time.time() - began < self.patience
+                if not yielding or polls % CHECK_EVERY == 0:
+                    self.peers.check()
+                    if self.idle is not None:
+                        self.idle()
+                if yielding:
+                    os.sched_yield()
+                else:
+                    time.sleep(delay)
+                    delay = min(delay * 2, MAX_DELAY)
+        except BaseException:
+            abandon([request])
+            raise
         if self.recorder is not None:
             self.recorder.add("wait", began, time.time() - began)
 
@@ -262,6 +291,7 @@ class Channel:
         requests = [r for entry in self._outbox for r in entry[0]]
         while requests and not self._mpi.Request.Testall(requests) and time.monotonic() < deadline:
             time.sleep(MIN_DELAY)
+        abandon(requests)
         self._outbox.clear()
 
     def _complete_oldest(self) -> None:
@@ -336,6 +366,10 @@ class PacketReceiver:
             self._data_requests.pop(0)
         kind, start, rows, _ = unpack_header(self.header)
         return kind, start, rows, self.arrays
+
+    def abandon(self) -> None:
+        """On failure: stop receiving (see `abandon`)."""
+        abandon([self.request, *self._data_requests])
 
 
 def header_size() -> int:

@@ -648,6 +648,8 @@ class _Collector:
 
     def abandon(self) -> None:
         """On failure: let queued commits finish (they are whole batches), then stop."""
+        for receiver in self._receivers.values():
+            receiver.abandon()
         try:
             self._committer.close()
         except BaseException:
