@@ -269,13 +269,18 @@ def small_disk(tmp_path):
     subprocess.run(["umount", str(mount)], check=True)
 
 
-def test_a_failing_collector_never_crashes_at_exit(reference, tmp_path, small_disk):
-    # Disk full on rank 0 while replica 1 (ranks 2-3) is still sending it batches, five times:
-    # every rank ends with the one message and exit code 2, never a signal from MPI_Finalize.
+def small_disk_job(reference, tmp_path: Path, small_disk: Path) -> Path:
+    """The reference job, writing its output on the small disk."""
     folder, doc, _ = reference
     shutil.copy(folder / "in.h5", tmp_path / "in.h5")
     doc = {**doc, "output": {**doc["output"], "file": str(small_disk / "out" / "result.h5")}}
-    job = write_job(tmp_path, doc)
+    return write_job(tmp_path, doc)
+
+
+def test_a_failing_collector_never_crashes_at_exit(reference, tmp_path, small_disk):
+    # Disk full on rank 0 while replica 1 (ranks 2-3) is still sending it batches, five times:
+    # every rank ends with the one message and exit code 2, never a signal from MPI_Finalize.
+    job = small_disk_job(reference, tmp_path, small_disk)
     codes = []
     for _ in range(5):
         shutil.rmtree(small_disk / "out", ignore_errors=True)
@@ -286,10 +291,8 @@ def test_a_failing_collector_never_crashes_at_exit(reference, tmp_path, small_di
 
 
 def test_disk_full_keeps_committed_batches_then_resume(reference, tmp_path, small_disk):
-    folder, doc, expected = reference
-    shutil.copy(folder / "in.h5", tmp_path / "in.h5")
-    doc = {**doc, "output": {**doc["output"], "file": str(small_disk / "out" / "result.h5")}}
-    job = write_job(tmp_path, doc)
+    expected = reference[2]
+    job = small_disk_job(reference, tmp_path, small_disk)
     result = run_cli("run", job, n=4)
     # Rank 0 fails while replica 1's packets are still on their way to it: it must not crash
     # at exit (mpi4py freed the buffers of given-up receives that MPI then wrote into: about
