@@ -131,7 +131,6 @@ def _inspect(args) -> int:
 def _run(spec, args) -> int:
     from mpi4py import MPI
 
-    from .comm import finalize
     from .runner import EXIT_STOPPED, run_job
 
     world = MPI.COMM_WORLD
@@ -145,7 +144,6 @@ def _run(spec, args) -> int:
     except SpmdinferError as exc:
         if world.rank == 0:
             _error(exc)
-        finalize()  # before teardown frees the buffers of operations given up on
         return exc.exit_code
     except BaseException:
         # A bug, not an agreed failure: the other ranks may be waiting on this one.

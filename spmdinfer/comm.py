@@ -17,6 +17,7 @@ in a blocking call that a failed peer will not join.
 
 from __future__ import annotations
 
+import atexit
 import os
 import socket
 import time
@@ -49,7 +50,7 @@ GO, DONE = 0, 1
 # buffer when its Request object goes, yet MPI may still write a pending receive into that
 # buffer (a peer's packet arriving while this rank shuts down): freed memory, a corrupted heap,
 # and a crash in MPI_Finalize long after the error was reported. They are kept here, buffers
-# and all, until `finalize` has shut MPI down.
+# and all, and MPI is finalized at exit before the interpreter's teardown frees them.
 _abandoned: list = []
 
 
@@ -58,10 +59,12 @@ def abandon(requests) -> None:
     _abandoned.extend(request for request in requests if request)
 
 
-def finalize() -> None:
-    """Shut MPI down now, while abandoned requests still hold their buffers (a failed run
-    calls this before the interpreter's teardown frees them; mpi4py's own MPI_Finalize at
-    exit then has nothing left to do)."""
+@atexit.register
+def _finalize_before_teardown() -> None:
+    """Python's atexit runs before module teardown; mpi4py's own MPI_Finalize runs after it
+    (and then has nothing left to do)."""
+    if not _abandoned:
+        return
     from mpi4py import MPI
 
     if MPI.Is_initialized() and not MPI.Is_finalized():

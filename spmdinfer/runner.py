@@ -190,7 +190,6 @@ class _Run:
             program, identities = self._load(fields)
             starts = list(range(0, rows, self.spec.input.batch_size)) or [0]
             pending = self._schedule(identities, rows, starts)
-            self.loaded = time.monotonic()  # _loop sets it again when its set-up is done
             self._start_collector(rows, identities, len(starts))
             self.watchdog = Watchdog(self.spec.run.batch_timeout)
             self._loop(program, fields, pending, rows)
