@@ -174,27 +174,31 @@ class Channel:
         `busy`: a bulk transfer already under way, which MPI moves forward only inside
         tests: test without sleeping, yielding the core to any rank that has work.
         """
-        if request.Test():
+        try:
+            self.until(request.Test, busy)
+        except BaseException:
+            abandon([request])
+            raise
+
+    def until(self, ready: Callable[[], bool], busy: bool = False) -> None:
+        """Poll `ready()` (a request's test, or a flag in shared memory) as `wait` does."""
+        if ready():
             return
         began = time.time()
         delay = MIN_DELAY
         polls = 0
-        try:
-            while not request.Test():
-                polls += 1
-                yielding = busy or time.time() - began < self.patience
-                if not yielding or polls % CHECK_EVERY == 0:
-                    self.peers.check()
-                    if self.idle is not None:
-                        self.idle()
-                if yielding:
-                    os.sched_yield()
-                else:
-                    time.sleep(delay)
-                    delay = min(delay * 2, MAX_DELAY)
-        except BaseException:
-            abandon([request])
-            raise
+        while not ready():
+            polls += 1
+            yielding = busy or time.time() - began < self.patience
+            if not yielding or polls % CHECK_EVERY == 0:
+                self.peers.check()
+                if self.idle is not None:
+                    self.idle()
+            if yielding:
+                os.sched_yield()
+            else:
+                time.sleep(delay)
+                delay = min(delay * 2, MAX_DELAY)
         if self.recorder is not None:
             self.recorder.add("wait", began, time.time() - began)
 

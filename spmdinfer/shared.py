@@ -11,7 +11,8 @@ So a batch costs the group two stores and two polls of shared memory, whatever t
 number of ranks, where messages cost a broadcast tree and a gather, each step of which
 needs the rank on the receiving end to be awake. The root posts the next batch before it
 waits for this one's outputs, so the others go straight on to it. Waiting ranks poll the
-control block politely (see `Waiter`) and check the job's failure notices while they do.
+control block politely with `Channel.until`, as every wait for a peer does (yield, then
+sleep; failure notices checked).
 
 Output segments are sized from the first batch's outputs, whose layouts every rank
 agrees on through messages (`combine.Combiner`); later batches must keep those layouts.
@@ -20,12 +21,11 @@ agrees on through messages (`combine.Combiner`); later batches must keep those l
 from __future__ import annotations
 
 import os
-import time
-from typing import Callable, Sequence
+from typing import Sequence
 
 import numpy as np
 
-from .comm import CHECK_EVERY, DONE, GO, MAX_DELAY, MIN_DELAY, Channel
+from .comm import DONE, GO, Channel
 from .data import InputField
 
 SLOTS = 3              # input slots: one being finished, one posted ahead, one being read
@@ -90,7 +90,6 @@ class SharedBatches:
         self.group.barrier()  # the control block is zeroed before anyone reads it
         self._sequence = 0
         self._outputs: _Outputs | None = None
-        self.waiter = Waiter(group)
 
     # Input slots.
 
@@ -120,7 +119,7 @@ class SharedBatches:
         self._sequence += 1
         wanted = self._sequence
         posted = self._posted
-        self.waiter.until(lambda: bool((posted == wanted).any()))
+        self.group.until(lambda: bool((posted == wanted).any()))
         self._sync()
         cell = CELL * int(np.argmax(posted == wanted))
         kind, start, rows = (int(v) for v in self._control[cell + 1:cell + 4])
@@ -152,7 +151,7 @@ class SharedBatches:
             self._done[self.group.rank] = self._sequence
             return None
         others = self._done[1:]
-        self.waiter.until(lambda: bool((others >= sequence).all()))
+        self.group.until(lambda: bool((others >= sequence).all()))
         self._sync()
         return None if self._outputs is None else self._outputs.views(rows, sequence % HALVES)
 
@@ -209,43 +208,6 @@ class _Outputs:
     def close(self) -> None:
         self._window.Unlock_all()
         self._window.Free()
-
-
-class Waiter:
-    """Polls a condition on shared memory without burning a core: yield the core between
-    polls for the first `yield_seconds` (a peer that is nearly there), then sleep with a
-    growing delay. Checks the job's failure notices and runs the group's idle work.
-
-    Yielding costs nothing only while every rank of the node has a core of its own: with
-    more ranks than cores, ranks that yield are always runnable and take turns on the
-    cores with the ranks that have work, so there a waiter sleeps at once (the group's
-    `patience` says which).
-    """
-
-    def __init__(self, group: Channel):
-        self.group = group
-
-    def until(self, ready: Callable[[], bool]) -> None:
-        if ready():
-            return
-        peers, idle, recorder = self.group.peers, self.group.idle, self.group.recorder
-        patience = self.group.patience
-        began = time.time()
-        delay = MIN_DELAY
-        polls = 0
-        while not ready():
-            polls += 1
-            if polls % CHECK_EVERY == 0 or time.time() - began >= patience:
-                peers.check()
-                if idle is not None:
-                    idle()
-            if time.time() - began < patience:
-                os.sched_yield()
-            else:
-                time.sleep(delay)
-                delay = min(delay * 2, MAX_DELAY)
-        if recorder is not None:
-            recorder.add("wait", began, time.time() - began)
 
 
 def aligned(nbytes: int) -> int:
