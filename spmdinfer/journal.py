@@ -529,10 +529,16 @@ class OutputLock:
 
 
 def _alive(pid: int) -> bool:
+    """Whether process `pid` still runs; a zombie (dead, not yet reaped: launchers reap killed
+    ranks late, and some containers' PID 1 never does) has stopped writing, so it is gone."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
-    return True
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return True  # no /proc here: kill(0) is all there is
+    return state not in ("Z", "X")

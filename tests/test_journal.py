@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 import zlib
+
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -345,3 +348,26 @@ def test_open_keeps_its_old_rules(output):
     assert again.committed() == set()
     assert committed_batches(output) == 0
     again.close()
+
+
+def test_a_lock_held_by_a_zombie_is_stale(tmp_path):
+    """A killed rank the launcher has not reaped yet holds no lock: --resume may go on."""
+    import socket
+    import subprocess
+
+    from spmdinfer.journal import OutputLock
+
+    zombie = subprocess.Popen(["true"])
+    try:
+        deadline = time.monotonic() + 30
+        while Path(f"/proc/{zombie.pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        output = tmp_path / "out.h5"
+        OutputLock(output).path.write_text(f"{socket.gethostname()} {zombie.pid}\n")
+        lock = OutputLock(output)
+        lock.acquire()  # taken over, not refused
+        assert lock.path.read_text().split()[1] == str(os.getpid())
+        lock.release()
+    finally:
+        zombie.wait()
