@@ -14,16 +14,24 @@ FORMATS = {".mindir": ("mindir", "mindspore"), ".onnx": ("onnx", "onnxruntime")}
 
 
 def inspect_slice(path: str | Path) -> dict:
-    """Format, reading backend and declared inputs and outputs of one slice file.
+    """Format, reading backend and declared inputs and outputs of one slice file, and for
+    MindIR the collectives inside its graph (op, group, rank_size; empty for a graph that
+    does not communicate).
 
     `outputs` is None where the file does not declare them (MindIR tuple outputs).
     """
     path = Path(path)
     fmt, backend = FORMATS.get(path.suffix.lower(), (None, None))
     inputs, outputs, version = declared(path)
-    return {"file": str(path), "format": fmt, "backend": backend, "backend_version": version,
-            "inputs": [_tensor(t) for t in inputs],
-            "outputs": [_tensor(t) for t in outputs] if outputs else None}
+    report = {"file": str(path), "format": fmt, "backend": backend, "backend_version": version,
+              "inputs": [_tensor(t) for t in inputs],
+              "outputs": [_tensor(t) for t in outputs] if outputs else None}
+    if fmt == "mindir":
+        from .mindir import read_collectives
+
+        report["collectives"] = [{"op": c.op, "group": c.group, "rank_size": c.rank_size}
+                                 for c in read_collectives(path)]
+    return report
 
 
 def declared(path: Path) -> tuple[list[TensorInfo], list[TensorInfo], str]:
@@ -38,7 +46,7 @@ def declared(path: Path) -> tuple[list[TensorInfo], list[TensorInfo], str]:
         raise BackendError(f"{path}: reading {fmt} files needs the Python package "
                            f"{PACKAGES[backend]!r}, which is not installed")
     if fmt == "mindir":
-        from .backends.mindspore import read_signature
+        from .mindir import read_signature
 
         # Only the protobuf is parsed: no graph is compiled, so any MindIR reads on any host.
         inputs, outputs = read_signature(path)
@@ -64,6 +72,14 @@ def format_report(report: dict) -> str:
         lines.append(f"{kind}:")
         for row in [("name", "dtype", "shape")] + rows:
             lines.append("  " + "  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip())
+    if "collectives" in report:
+        found = report["collectives"]
+        lines.append("collectives: " + ("none (an independent graph: ranks' outputs are combined "
+                                        "on the host)" if not found else
+                                        "inside the graph (spmdinfer forms a collective cluster)"))
+        for c in found:
+            lines.append(f"  {c['op']}  group={c['group'] or '?'}  rank_size="
+                         f"{'?' if c['rank_size'] is None else c['rank_size']}")
     return "\n".join(lines)
 
 

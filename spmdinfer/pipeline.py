@@ -17,6 +17,7 @@ who this rank is.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import NamedTuple, Sequence
 
@@ -26,7 +27,7 @@ from .collector import Collector
 from .combine import Combiner
 from .comm import DONE, GO, Channel
 from .data import InputField, InputReader
-from .errors import JobFailed
+from .errors import JobFailed, PeerFailed
 from .failure import reported
 from .overlap import Prefetcher
 from .program import Program
@@ -170,9 +171,12 @@ class Stage:
     on the group's root."""
 
     def __init__(self, program: Program, group: Channel, shared: SharedBatches | None,
-                 info: RankInfo, spec: JobSpec):
+                 info: RankInfo, spec: JobSpec, inside=None):
+        """`inside`: a context manager factory around each predict, for graphs that wait for
+        peers in native code (cluster.PeerWatch.predicting)."""
         layout, model = info.layout, spec.model
         self.program = program
+        self.inside = inside or contextlib.nullcontext
         self.group = group
         self.shared = shared
         self.info = info
@@ -187,8 +191,10 @@ class Stage:
     def predict(self, batch: Batch) -> list[np.ndarray]:
         """This rank's outputs for `batch`; a failure names the batch's rows."""
         try:
-            with self.group.recorder.span("predict"):
+            with self.group.recorder.span("predict"), self.inside():
                 return self.program.predict(batch.arrays)
+        except PeerFailed:
+            raise  # a peer failed while this rank waited inside the graph: its message counts
         except Exception as exc:
             error, code = reported(exc, self.info)
             last_row = batch.start + batch.predicted - 1
@@ -313,7 +319,7 @@ class Pipeline:
 
 def assemble(world: Channel, info: RankInfo, spec: JobSpec, program: Program,
              fields: list[InputField], rows: int, starts: list[int], reader: InputReader | None,
-             collector: Collector | None) -> Pipeline:
+             collector: Collector | None, inside=None) -> Pipeline:
     """This rank's pipeline for the batches in `starts` (collective: splits `world` into the
     stages' groups, and a stage-0 group on one node opens its shared memory)."""
     layout = info.layout
@@ -329,7 +335,7 @@ def assemble(world: Channel, info: RankInfo, spec: JobSpec, program: Program,
         before = layout.stage - 1 if spec.model.handoff == "host" else 0
         feed = _FromStage(world, layout.leader(layout.replica, before))
     source = _ByMessage(group, feed) if shared is None else _BySharedMemory(group, feed, shared)
-    return Pipeline(group, source, Stage(program, group, shared, info, spec),
+    return Pipeline(group, source, Stage(program, group, shared, info, spec, inside),
                     _sink(world, layout, spec, group, collector))
 
 

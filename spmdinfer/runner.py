@@ -166,6 +166,7 @@ class _Run:
                 return RunSummary(rows, 0, time.monotonic() - started, 0.0, self.spec.output.file,
                                   outcome="already complete")
             startup.check_devices()
+            startup.form_cluster()
             program, identities = startup.load(fields)
             starts = list(range(0, rows, self.spec.input.batch_size)) or [0]
             pending = startup.schedule(identities, rows, starts)
@@ -219,7 +220,8 @@ class _Run:
         stage predicts and combines them, its sink takes the outputs."""
         startup = self.startup
         pipeline = assemble(self.world, startup.info, self.spec, program, fields, rows, starts,
-                            startup.reader, startup.collector)
+                            startup.reader, startup.collector,
+                            startup.cluster.watch.predicting if startup.cluster else None)
         source, stage, sink = pipeline.source, pipeline.stage, pipeline.sink
         finished = False
         self.loaded = time.monotonic()  # start-up ends here: the loop starts with the first batch

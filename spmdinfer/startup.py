@@ -3,6 +3,8 @@
 - discover: who this rank is (topology.RankInfo), in the log.
 - preflight: rank 0 checks every file and dataset and takes the output's lock.
 - check_devices: no two ranks on one node would use the same device.
+- form_cluster: the ranks of each model instance whose slices communicate inside their
+  graphs join one MindSpore cluster (spmdinfer.cluster), before any slice loads.
 - load: every rank loads its graphs and binds them to what its stage receives.
 - schedule: rank 0 opens the journal; every rank learns which batches are still to do.
 - start_collector: rank 0 starts the collector that commits and writes finished batches.
@@ -24,7 +26,7 @@ import hashlib
 import time
 from pathlib import Path
 
-from . import __version__, backends, topology
+from . import __version__, backends, cluster, topology
 from .backends import Placement
 from .collector import Collector
 from .comm import Channel
@@ -59,6 +61,7 @@ class Startup:
         self.made_dirs: list[Path] = []
         self.counted: list[int] = []   # batches whose attempt this run counted
         self.closers = contextlib.ExitStack()  # what a phase opened: see `close`
+        self.cluster: cluster.Membership | None = None
 
     def discover(self) -> RankInfo:
         """Who this rank is (collective: the ranks of each node find each other)."""
@@ -96,6 +99,23 @@ class Startup:
         devices = self.world.allgather_objects((self.info.host,
                                                 physical_device(target, self.info.device_id)))
         self.world.agree(shared_device(devices, target))
+
+    def form_cluster(self) -> None:
+        """Join this rank's MindSpore cluster where its model instance's slices communicate
+        inside their graphs (collective; a no-op for independent slices)."""
+        model = self.spec.model
+        backend = backends.resolve(model.backend, model.slice_path(self.info.model_rank))
+        self.cluster = cluster.form(self.world, self.spec, self.info, backend)
+        if self.cluster is not None and self.world.is_root:
+            self.cluster.watch.on_exit.append(self._abandon)
+
+    def _abandon(self) -> None:
+        """Rank 0 leaving from its PeerWatch (the main thread stuck inside MindSpore after a
+        peer failed): the committed batches stay for --resume; the lock and the output's
+        temporary file go."""
+        if self.collector is not None:
+            self.collector.writer.temp_path.unlink(missing_ok=True)
+        self.release()
 
     def load(self, fields: list[InputField]) -> tuple[Program, list]:
         """Every rank loads its graphs and binds them to what its stage receives."""

@@ -164,6 +164,13 @@ def validate_deep(spec: JobSpec, world: int | None = None, per_node: int | None 
         if stage == model.stages - 1:
             check_output_count(program.outputs(), spec.output_names, paths[-1])
     lines.append(f"slices: the declared inputs and outputs of all {model.ranks} model rank(s) fit")
+    from .backends import resolve
+    from .cluster import plan_cluster, slice_collectives
+
+    found = {rank: slice_collectives(spec, rank) for rank in range(model.ranks)}
+    cluster = plan_cluster(spec, resolve(model.backend, model.slice_path(0)), found)
+    lines.append(f"collectives: {cluster}" if cluster else
+                 "collectives: none inside the graphs (independent slices, combined on the host)")
     return lines
 
 

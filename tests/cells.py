@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import mindspore
 from mindspore import Parameter, Tensor, nn, ops
 
 
@@ -132,3 +133,63 @@ class Constant(nn.Cell):
 
     def construct(self):
         return self.value * 1.0
+
+
+class AllGatherMatMul(nn.Cell):
+    """One rank of the seed's MatMul with its communication inside the graph: every rank
+    computes its columns of y = -(x @ w) and an AllGather (along axis 0, so through a
+    transpose) gives every rank the whole (N, columns * ranks) output."""
+
+    def __init__(self, weight: np.ndarray, batch: int | None = None):
+        super().__init__()
+        self.weight = Parameter(Tensor(np.ascontiguousarray(weight)), name="w")
+        self.matmul = ops.MatMul()
+        self.gather = ops.AllGather()
+        self.shape = None if batch is None else (batch, weight.shape[0])
+
+    def construct(self, x):
+        if self.shape is not None:
+            x = ops.reshape(x, self.shape)  # a graph made for one batch size only
+        y = -self.matmul(x, self.weight)
+        return ops.transpose(self.gather(ops.transpose(y, (1, 0))), (1, 0))
+
+
+class AllReduceMLP(nn.Cell):
+    """One rank of a Megatron MLP: the first layer split by columns, the second by rows,
+    and an AllReduce (sum) inside the graph, so every rank returns the whole output."""
+
+    def __init__(self, w1, b1, w2, b2):
+        super().__init__()
+        self.local = MLPShard(w1, b1, w2, b2)
+        self.reduce = ops.AllReduce()
+
+    def construct(self, x):
+        return self.reduce(self.local(x))
+
+
+class SendStage(nn.Cell):
+    """Stage 0 of a pipeline whose handoff is inside the graph: h = x @ w, sent to rank 1."""
+
+    def __init__(self, weight: np.ndarray):
+        super().__init__()
+        self.weight = Parameter(Tensor(np.ascontiguousarray(weight)), name="w")
+        self.matmul = ops.MatMul()
+        self.send = ops.Send(sr_tag=0, dest_rank=1)
+
+    def construct(self, x):
+        h = self.matmul(x, self.weight)
+        return ops.depend(h, self.send(h))
+
+
+class ReceiveStage(nn.Cell):
+    """Stage 1: receives h (batch, columns) from rank 0 and returns h @ w."""
+
+    def __init__(self, weight: np.ndarray, batch: int):
+        super().__init__()
+        self.weight = Parameter(Tensor(np.ascontiguousarray(weight)), name="w")
+        self.matmul = ops.MatMul()
+        self.receive = ops.Receive(sr_tag=0, src_rank=0, shape=[batch, weight.shape[0]],
+                                   dtype=mindspore.float32)
+
+    def construct(self):
+        return self.matmul(self.receive(), self.weight)

@@ -9,14 +9,11 @@ from typing import Sequence
 import numpy as np
 
 from ..errors import BackendError
-from . import Placement, TensorInfo
+from ..mindir import read_signature
+from . import Placement, TensorInfo, predict_in_fixed_batches
 
-# MindIR's TensorProto.DataType names -> numpy; BFLOAT16 has no numpy dtype.
-_DTYPES = {"FLOAT": np.float32, "FLOAT16": np.float16, "DOUBLE": np.float64, "FLOAT64": np.float64,
-           "INT8": np.int8, "INT16": np.int16, "INT32": np.int32, "INT64": np.int64,
-           "UINT8": np.uint8, "UINT16": np.uint16, "UINT32": np.uint32, "UINT64": np.uint64,
-           "BOOL": np.bool_, "COMPLEX64": np.complex64, "COMPLEX128": np.complex128}
 _TARGETS = {"cpu": "CPU", "gpu": "GPU", "ascend": "Ascend"}
+_joined: tuple[str, int | None] | None = None   # (target, device id) of the cluster this process joined
 
 
 def open_session(path: Path, placement: Placement, options: dict) -> "MindSporeSession":
@@ -37,16 +34,18 @@ class MindSporeSession:
         self.version = mindspore.__version__
         device = _TARGETS[placement.target]
         try:
-            if placement.device_id is None:
-                mindspore.set_device(device)
-            else:
-                mindspore.set_device(device, placement.device_id)
+            if _joined is None:  # joining a cluster set the device already, for good
+                _set_device(mindspore, device, placement.device_id)
             mindspore.set_context(runtime_num_threads=placement.threads)
         except (RuntimeError, ValueError) as exc:
             where = device if placement.device_id is None else f"{device} device {placement.device_id}"
             raise BackendError(f"MindSpore {self.version} cannot run on {where}: "
                                f"{str(exc).strip().splitlines()[0]}") from None
         self._inputs, self._outputs = read_signature(path)
+        first = self._inputs[0].shape if self._inputs and self._inputs[0].shape else None
+        # A graph exported for one batch size (a fixed first dimension) runs only that size:
+        # a short last batch is padded to it and trimmed, on every rank alike.
+        self._fixed_batch = first[0] if first else None
         try:
             self._cell = nn.GraphCell(mindspore.load(str(path)))
         except (RuntimeError, ValueError, OSError) as exc:
@@ -60,34 +59,37 @@ class MindSporeSession:
         return self._outputs
 
     def predict(self, arrays: Sequence[np.ndarray]) -> list[np.ndarray]:
+        if self._fixed_batch is not None and arrays and len(arrays[0]) != self._fixed_batch:
+            return predict_in_fixed_batches(self._run, arrays, self._fixed_batch)
+        return self._run(arrays)
+
+    def _run(self, arrays: Sequence[np.ndarray]) -> list[np.ndarray]:
         result = self._cell(*(self._tensor.from_numpy(a) for a in arrays))
         if isinstance(result, (tuple, list)):
             return [r.asnumpy() for r in result]
         return [result.asnumpy()]
 
 
-def read_signature(path: Path) -> tuple[list[TensorInfo], list[TensorInfo]]:
-    """Inputs and outputs a MindIR file declares, read from its protobuf graph."""
-    from mindspore.train import mind_ir_pb2
+def join_cluster(target: str, device_id: int | None) -> tuple[int, int]:
+    """Join the MindSpore cluster the MS_* variables describe (spmdinfer.cluster sets them);
+    return this worker's rank and the cluster's size."""
+    os.environ.setdefault("GLOG_v", "3")
+    import mindspore
+    from mindspore import communication
 
-    model = mind_ir_pb2.ModelProto()
+    global _joined
     try:
-        model.ParseFromString(Path(path).read_bytes())
-    except Exception as exc:  # protobuf raises its own DecodeError, not exported stably
-        raise BackendError(f"{path}: not a readable MindIR file ({type(exc).__name__}: {exc})") from None
-    names = mind_ir_pb2.TensorProto.DataType.Name
+        _set_device(mindspore, _TARGETS[target], device_id)
+        communication.init()
+        _joined = (target, device_id)
+        return communication.get_rank(), communication.get_group_size()
+    except (RuntimeError, ValueError) as exc:
+        raise BackendError(f"MindSpore {mindspore.__version__} could not join its collective "
+                           f"cluster: {str(exc).strip().splitlines()[0]}") from None
 
-    def info(value, index: int, prefix: str) -> TensorInfo:
-        tensor = value.tensor[0] if value.tensor else None
-        name = value.name.rsplit(":", 1)[-1] if prefix == "input" else f"output{index}"
-        if tensor is None:
-            return TensorInfo(name, None, None)
-        shape = tuple(None if d < 0 else int(d) for d in tensor.dims)
-        dtype = _DTYPES.get(names(tensor.data_type))
-        return TensorInfo(name, shape, None if dtype is None else np.dtype(dtype))
 
-    inputs = [info(v, i, "input") for i, v in enumerate(model.graph.input)]
-    outputs = [info(v, i, "output") for i, v in enumerate(model.graph.output)]
-    if any(o.shape is None for o in outputs):
-        outputs = []  # a tuple output: MindIR does not declare its members here
-    return inputs, outputs
+def _set_device(mindspore, device: str, device_id: int | None) -> None:
+    if device_id is None:
+        mindspore.set_device(device)
+    else:
+        mindspore.set_device(device, device_id)

@@ -1,0 +1,121 @@
+"""What a MindIR slice file says about itself, read from its protobuf without running it.
+
+MindSpore's protobuf module (`mindspore/train/mind_ir_pb2.py`) is loaded from its file
+alone, so reading a slice never imports the `mindspore` package: a collective cluster's
+variables must be set before that import (see spmdinfer.cluster), and `inspect` and
+`validate` stay quick.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .backends import TensorInfo
+from .errors import BackendError
+
+# MindIR's TensorProto.DataType names -> numpy; BFLOAT16 has no numpy dtype.
+_DTYPES = {"FLOAT": np.float32, "FLOAT16": np.float16, "DOUBLE": np.float64, "FLOAT64": np.float64,
+           "INT8": np.int8, "INT16": np.int16, "INT32": np.int32, "INT64": np.int64,
+           "UINT8": np.uint8, "UINT16": np.uint16, "UINT32": np.uint32, "UINT64": np.uint64,
+           "BOOL": np.bool_, "COMPLEX64": np.complex64, "COMPLEX128": np.complex128}
+
+# Primitives that communicate with other ranks from inside the graph.
+COMMUNICATING_OPS = ("AllGather", "AllReduce", "Broadcast", "ReduceScatter", "AlltoAll",
+                     "AllToAll", "AlltoAllV", "NeighborExchange", "NeighborExchangeV2",
+                     "Send", "Receive", "Reduce", "CollectiveGather", "CollectiveScatter",
+                     "BatchISendIRecv", "Barrier", "MicroStepAllGather", "MiniStepAllGather")
+# The world group each device's collective library names.
+WORLD_GROUPS = {"cpu": "mccl_world_group", "gpu": "nccl_world_group", "ascend": "hccl_world_group"}
+
+
+@dataclass(frozen=True)
+class Collective:
+    """One communicating primitive of a slice: its op and the group it talks in."""
+
+    op: str
+    group: str | None        # None where the primitive names none
+    rank_size: int | None    # the group's size as exported (AllGather, ReduceScatter, AlltoAll
+                             # record it; AllReduce, Broadcast, Send and Receive do not)
+    reduce: str | None = None   # AllReduce's and Reduce's operation: "sum", "max", ...
+
+    def __str__(self) -> str:
+        size = "?" if self.rank_size is None else self.rank_size
+        return f"{self.op}(group={self.group or '?'}, rank_size={size})"
+
+
+@functools.lru_cache(maxsize=1)
+def _protobuf():
+    """MindSpore's mind_ir_pb2 module, loaded from its file without importing mindspore."""
+    spec = importlib.util.find_spec("mindspore")
+    if spec is None or not spec.submodule_search_locations:
+        raise BackendError("reading MindIR files needs the Python package 'mindspore', "
+                           "which is not installed")
+    path = Path(list(spec.submodule_search_locations)[0]) / "train" / "mind_ir_pb2.py"
+    module_spec = importlib.util.spec_from_file_location("_spmdinfer_mind_ir_pb2", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module
+
+
+@functools.lru_cache(maxsize=64)
+def _model(path: Path, size: int, mtime: float):
+    """The parsed ModelProto of `path` (cached per file version: start-up reads it twice)."""
+    pb2 = _protobuf()
+    model = pb2.ModelProto()
+    try:
+        model.ParseFromString(path.read_bytes())
+    except Exception as exc:  # protobuf raises its own DecodeError, not exported stably
+        raise BackendError(f"{path}: not a readable MindIR file ({type(exc).__name__}: {exc})") from None
+    return model
+
+
+def read_model(path: Path):
+    path = Path(path)
+    try:
+        stat = path.stat()
+    except OSError as exc:
+        raise BackendError(f"{path}: cannot read the MindIR file ({exc.strerror})") from None
+    return _model(path, stat.st_size, stat.st_mtime)
+
+
+def read_signature(path: Path) -> tuple[list[TensorInfo], list[TensorInfo]]:
+    """Inputs and outputs a MindIR file declares, read from its protobuf graph."""
+    model = read_model(path)
+    names = _protobuf().TensorProto.DataType.Name
+
+    def info(value, index: int, prefix: str) -> TensorInfo:
+        tensor = value.tensor[0] if value.tensor else None
+        name = value.name.rsplit(":", 1)[-1] if prefix == "input" else f"output{index}"
+        if tensor is None:
+            return TensorInfo(name, None, None)
+        shape = tuple(None if d < 0 else int(d) for d in tensor.dims)
+        dtype = _DTYPES.get(names(tensor.data_type))
+        return TensorInfo(name, shape, None if dtype is None else np.dtype(dtype))
+
+    inputs = [info(v, i, "input") for i, v in enumerate(model.graph.input)]
+    outputs = [info(v, i, "output") for i, v in enumerate(model.graph.output)]
+    if any(o.shape is None for o in outputs):
+        outputs = []  # a tuple output: MindIR does not declare its members here
+    return inputs, outputs
+
+
+def read_collectives(path: Path) -> list[Collective]:
+    """Every communicating primitive in the file, once per distinct (op, group, rank_size)."""
+    model = read_model(path)
+    found: dict[tuple, Collective] = {}
+    for primitive in model.primitives:
+        op = primitive.op_type.rsplit("::", 1)[-1]
+        if op not in COMMUNICATING_OPS:
+            continue
+        attributes = {a.name: a for a in primitive.attribute}
+        group = attributes["group"].s.decode() if "group" in attributes else None
+        size = int(attributes["rank_size"].i) if "rank_size" in attributes else None
+        reduce = attributes["op"].s.decode() if "op" in attributes else None
+        found.setdefault((op, group, size, reduce),
+                         Collective(op, group or None, size or None, reduce or None))
+    return list(found.values())
