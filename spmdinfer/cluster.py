@@ -20,11 +20,14 @@ spmdinfer forms that cluster before any slice loads, from what the slices say
   rank (PR_SET_PDEATHSIG), and the rank waits for it at exit, once every worker has left
   it. A scheduler left by a killed job holds its own port, so a new job, whose port the OS
   picks fresh, can never reach it.
-- Lining up: the other ranks wait over MPI (politely) until the scheduler listens, and
-  every rank then calls init() at once, so that MindSpore's registration does not spin on
-  retries. MindSpore paces the rest by its heartbeat and retry intervals
-  (MS_RETRY_INTERVAL_LOWER / UPPER, 3 to 5 s by default): spmdinfer sets both to 1 s unless
-  the user set them, which cuts init() from about 6 s to about 2 s.
+- Lining up: every rank imports MindSpore while the scheduler starts (MindSpore reads its
+  cluster variables only in init()), waits over MPI (politely) until the scheduler
+  listens, and then every rank calls init() at once, so that MindSpore's registration does
+  not spin on retries. MindSpore paces the rest by its heartbeat and retry intervals
+  (MS_RETRY_INTERVAL_LOWER / UPPER, a random 3 to 5 s by default): spmdinfer sets them to
+  0 and 1 unless the user set them, which cut init() for 8 ranks from 8.4 s to 5.5 s here.
+  What is left is mostly a fixed `sleep(3)` in MindSpore's CPU collective node, which polls
+  for the other ranks' addresses every 3 s (docs/collectives.md).
 
 A rank that fails while its peers wait inside a collective, in native code, cannot be
 heard by them through MPI: `PeerWatch` listens for them (a thread; MindSpore releases the
@@ -195,28 +198,44 @@ def form(world, spec, info, backend: str) -> Membership | None:
     number = plan.cluster_of(layout)
     group = world.split(clusters + world.rank if number is None else number)
     try:
-        members = [hosts[r] for r in group_ranks(world, group)]
+        if number is None:  # a stage that does not communicate: in the agreements only
+            world.agree(None)  # the schedulers listen
+            world.agree(None)  # every worker joined
+            return None
+        began = time.monotonic()
         scheduler, error = None, None
-        if number is not None and group.is_root:
+        if group.is_root:
             try:
-                scheduler = Scheduler.start(scheduler_host(members), plan.size, spec.device.target)
+                host = scheduler_host([hosts[r] for r in group_ranks(world, group)])
+                scheduler = Scheduler(host, plan.size, spec.device.target)
+                scheduler.launch()
+            except (SpmdinferError, OSError) as exc:
+                error = BackendError(f"cannot start the MindSpore cluster's scheduler: {exc}")
+        from .backends.mindspore import preload
+
+        imported = preload()  # MindSpore reads the cluster's variables only in init()
+        listening = time.monotonic()
+        if scheduler is not None and error is None:
+            try:
+                scheduler.wait_listening()
             except SpmdinferError as exc:
                 error = exc
+        listening = time.monotonic() - listening
         world.agree(error)
-        if number is None:
-            return None
         address = group.bcast_object(None if scheduler is None else scheduler.address)
         member = Membership(plan, number, plan.node_id(layout), PeerWatch(world.peers, world.is_root))
-        began = time.monotonic()
-        error = None
+        joining, error = time.monotonic(), None
         with member.watch.predicting():  # init() waits for every worker, in native code
             try:
                 _join(address, member, spec, info)
             except SpmdinferError as exc:
                 error = exc
+        joining = time.monotonic() - joining
         world.agree(error)
-        log.info("joined MindSpore cluster %d as worker %d of %d in %.2f s (scheduler %s:%d)",
-                 number, member.node_id, plan.size, time.monotonic() - began, *address)
+        log.info("joined MindSpore cluster %d as worker %d of %d in %.2f s: import mindspore "
+                 "%.2f s, then waited %.2f s for the scheduler (%s:%d), init() %.2f s", number,
+                 member.node_id, plan.size, time.monotonic() - began, imported, listening,
+                 *address, joining)
         return member
     finally:
         group.close()
@@ -295,35 +314,50 @@ def _join_as_worker(address: tuple[str, int], size: int, node_id: int, target: s
 class Scheduler:
     """The cluster's scheduler: a child process of the cluster's first rank."""
 
-    def __init__(self, process: subprocess.Popen, host: str, port: int, log_file):
-        self.process = process
-        self.address = (host, port)
-        self._log = log_file
+    def __init__(self, host: str, workers: int, target: str):
+        self.host, self.workers, self.target = host, workers, target
+        self.process: subprocess.Popen | None = None
+        self.address = (host, 0)
+        self._log = None
         atexit.register(self._wait_at_exit)
 
-    @classmethod
-    def start(cls, host: str, workers: int, target: str, attempts: int = 3) -> Scheduler:
-        """Start the scheduler on a fresh port of `host` and return once it listens."""
+    def launch(self) -> None:
+        """Start the scheduler on a fresh port of the host (returns at once: it imports
+        MindSpore while the workers import it too)."""
+        port = free_port(self.host)
+        self.address = (self.host, port)
+        self._log = tempfile.TemporaryFile()
+        env = {**os.environ, "MS_ROLE": "MS_SCHED", "MS_WORKER_NUM": str(self.workers),
+               "MS_SCHED_HOST": self.host, "MS_SCHED_PORT": str(port),
+               "SPMDINFER_CLUSTER_PARENT": str(os.getpid()),
+               "SPMDINFER_CLUSTER_TARGET": self.target, "GLOG_v": os.environ.get("GLOG_v", "3")}
+        env.pop("MS_NODE_ID", None)
+        for name, value in RETRY_INTERVALS.items():
+            env.setdefault(name, value)
+        self.process = subprocess.Popen([sys.executable, "-m", "spmdinfer.cluster"], env=env,
+                                        stdin=subprocess.DEVNULL, stdout=self._log,
+                                        stderr=self._log)
+
+    def wait_listening(self, attempts: int = 3) -> None:
+        """Return once the scheduler accepts connections; one that exits first (its port
+        taken in between) is started again on another port."""
         for attempt in range(attempts):
-            port = free_port(host)
-            log_file = tempfile.TemporaryFile()
-            env = {**os.environ, "MS_ROLE": "MS_SCHED", "MS_WORKER_NUM": str(workers),
-                   "MS_SCHED_HOST": host, "MS_SCHED_PORT": str(port),
-                   "SPMDINFER_CLUSTER_PARENT": str(os.getpid()),
-                   "SPMDINFER_CLUSTER_TARGET": target, "GLOG_v": os.environ.get("GLOG_v", "3")}
-            env.pop("MS_NODE_ID", None)
-            for name, value in RETRY_INTERVALS.items():
-                env.setdefault(name, value)
-            process = subprocess.Popen([sys.executable, "-m", "spmdinfer.cluster"], env=env,
-                                       stdin=subprocess.DEVNULL, stdout=log_file, stderr=log_file)
-            scheduler = cls(process, host, port, log_file)
-            if scheduler._listening():
-                return scheduler
-            scheduler.stop()
-            if attempt == attempts - 1:
-                raise BackendError(f"the MindSpore cluster's scheduler did not start on {host}: "
-                                   f"{scheduler.last_words()}")
-        raise AssertionError("unreachable")
+            if self._listening():
+                return
+            words = self.last_words()
+            self.stop()
+            if attempt < attempts - 1:
+                self.launch()
+        raise BackendError(f"the MindSpore cluster's scheduler did not start on {self.host}: "
+                           f"{words}")
+
+    @classmethod
+    def start(cls, host: str, workers: int, target: str) -> Scheduler:
+        """Start a scheduler and return once it listens."""
+        scheduler = cls(host, workers, target)
+        scheduler.launch()
+        scheduler.wait_listening()
+        return scheduler
 
     def _listening(self) -> bool:
         """Wait until the scheduler accepts connections (False if it exits first)."""
@@ -349,6 +383,8 @@ class Scheduler:
 
     def stop(self, grace: float = 0.0) -> None:
         """End the scheduler: wait `grace` seconds for it to finish by itself, then kill it."""
+        if self.process is None:
+            return
         if self.process.poll() is None:
             try:
                 self.process.wait(grace)
@@ -356,6 +392,7 @@ class Scheduler:
                 self.process.kill()
                 self.process.wait()
         self._log.close()
+        self.process = None
 
     def _wait_at_exit(self) -> None:
         """At exit, after MindSpore's own exit hook has unregistered this worker (atexit runs

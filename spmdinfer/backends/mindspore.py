@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 from typing import Sequence
 
@@ -68,6 +69,16 @@ class MindSporeSession:
         if isinstance(result, (tuple, list)):
             return [r.asnumpy() for r in result]
         return [result.asnumpy()]
+
+
+def preload() -> float:
+    """Import MindSpore now (before its cluster's variables are set: it reads them only in
+    `communication.init()`); return the seconds it took."""
+    began = time.monotonic()
+    os.environ.setdefault("GLOG_v", "3")
+    import mindspore  # noqa: F401
+
+    return time.monotonic() - began
 
 
 def join_cluster(target: str, device_id: int | None) -> tuple[int, int]:
