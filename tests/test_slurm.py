@@ -50,13 +50,13 @@ def job_env(**variables) -> dict:
             "SPMDINFER_LOG_LEVEL": "INFO", **variables}
 
 
-def demo_tree(tmp_path: Path, rows: int, seed: int) -> tuple[Path, np.ndarray]:
-    """A folder laid out like the repository (jobs/matmul/) with random demo inputs."""
+def demo_tree(tmp_path: Path, rows: int, seed: int, demo: str = "matmul") -> tuple[Path, np.ndarray]:
+    """A folder laid out like the repository (jobs/DEMO/) with random demo inputs."""
     root = tmp_path / "submit"
-    shutil.copytree(REPO / "jobs" / "matmul", root / "jobs" / "matmul",
+    shutil.copytree(REPO / "jobs" / demo, root / "jobs" / demo,
                     ignore=shutil.ignore_patterns("out", ".*"))
     x = np.random.default_rng(seed).standard_normal((rows, 96)).astype(np.float32)
-    write_h5(root / "jobs" / "matmul" / "inputs.h5", {"features": x})
+    write_h5(root / "jobs" / demo / "inputs.h5", {"features": x})
     return root, x
 
 
@@ -112,6 +112,20 @@ def test_multi_node_script_on_one_node(slurm, tmp_path, launcher):
     assert f"1 node(s), {command} " in log, log
     assert "spmdinfer: 257 rows, 3 batches," in log, log
     assert local_ranks(log) == [(r, 8) for r in range(8)], log
+
+
+@pytest.mark.parametrize("launcher", ["srun", "mpiexec"])
+def test_collective_slices_under_the_multi_node_script(slurm, tmp_path, launcher):
+    """jobs/matmul_allgather: the ranks form their MindSpore cluster under Slurm's launchers."""
+    root, x = demo_tree(tmp_path, rows=301, seed=12, demo="matmul_allgather")
+    job = root / "jobs" / "matmul_allgather" / "job.toml"
+    job_id = slurm.sbatch(SCRIPTS / "multi-node.sbatch", "--nodes=1", "--ntasks-per-node=8",
+                          cwd=root, env=job_env(JOB=str(job), VENV_BIN=str(VENV_BIN),
+                                                LAUNCHER=launcher))
+    log = finished(slurm, job_id, root / f"spmdinfer-{job_id}.out")
+    assert_demo_output(root / "jobs" / "matmul_allgather" / "out" / "result.h5", x)
+    assert log.count("joined MindSpore cluster 0 as worker") == 8, log
+    assert "spmdinfer: 301 rows, 3 batches," in log, log
 
 
 def mpich_shm(key: str) -> str:
