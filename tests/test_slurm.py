@@ -99,33 +99,24 @@ def test_single_node_script_word_for_word(slurm, tmp_path):
     assert local_ranks(log) == [(r, 8) for r in range(8)], log
 
 
+@pytest.mark.parametrize("demo", ["matmul", "matmul_allgather"])
 @pytest.mark.parametrize("launcher", ["srun", "mpiexec"])
-def test_multi_node_script_on_one_node(slurm, tmp_path, launcher):
-    root, x = demo_tree(tmp_path, rows=257, seed=11)
-    job = root / "jobs" / "matmul" / "job.toml"
+def test_multi_node_script_on_one_node(slurm, tmp_path, launcher, demo):
+    """Both demos; in jobs/matmul_allgather the ranks form a MindSpore cluster under
+    Slurm's launchers."""
+    root, x = demo_tree(tmp_path, rows=257, seed=11, demo=demo)
+    job = root / "jobs" / demo / "job.toml"
     job_id = slurm.sbatch(SCRIPTS / "multi-node.sbatch", "--nodes=1", "--ntasks-per-node=8",
                           cwd=root, env=job_env(JOB=str(job), VENV_BIN=str(VENV_BIN),
                                                 LAUNCHER=launcher))
     log = finished(slurm, job_id, root / f"spmdinfer-{job_id}.out")
-    assert_demo_output(root / "jobs" / "matmul" / "out" / "result.h5", x)
+    assert_demo_output(root / "jobs" / demo / "out" / "result.h5", x)
     command = "srun --mpi=pmi2" if launcher == "srun" else "mpiexec -launcher slurm"
     assert f"1 node(s), {command} " in log, log
     assert "spmdinfer: 257 rows, 3 batches," in log, log
     assert local_ranks(log) == [(r, 8) for r in range(8)], log
-
-
-@pytest.mark.parametrize("launcher", ["srun", "mpiexec"])
-def test_collective_slices_under_the_multi_node_script(slurm, tmp_path, launcher):
-    """jobs/matmul_allgather: the ranks form their MindSpore cluster under Slurm's launchers."""
-    root, x = demo_tree(tmp_path, rows=301, seed=12, demo="matmul_allgather")
-    job = root / "jobs" / "matmul_allgather" / "job.toml"
-    job_id = slurm.sbatch(SCRIPTS / "multi-node.sbatch", "--nodes=1", "--ntasks-per-node=8",
-                          cwd=root, env=job_env(JOB=str(job), VENV_BIN=str(VENV_BIN),
-                                                LAUNCHER=launcher))
-    log = finished(slurm, job_id, root / f"spmdinfer-{job_id}.out")
-    assert_demo_output(root / "jobs" / "matmul_allgather" / "out" / "result.h5", x)
-    assert log.count("joined MindSpore cluster 0 as worker") == 8, log
-    assert "spmdinfer: 301 rows, 3 batches," in log, log
+    clustered = 8 if demo == "matmul_allgather" else 0
+    assert log.count("joined MindSpore cluster 0 as worker") == clustered, log
 
 
 def mpich_shm(key: str) -> str:
