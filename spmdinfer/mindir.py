@@ -62,30 +62,48 @@ def _protobuf():
     return module
 
 
-@functools.lru_cache(maxsize=64)
-def _model(path: Path, size: int, mtime: float):
-    """The parsed ModelProto of `path` (cached per file version: start-up reads it twice)."""
-    pb2 = _protobuf()
-    model = pb2.ModelProto()
+def read_model(path: Path):
+    """The parsed ModelProto of a MindIR file (weights included: not kept)."""
+    model = _protobuf().ModelProto()
     try:
-        model.ParseFromString(path.read_bytes())
+        model.ParseFromString(Path(path).read_bytes())
+    except OSError as exc:
+        raise BackendError(f"{path}: cannot read the MindIR file ({exc.strerror})") from None
     except Exception as exc:  # protobuf raises its own DecodeError, not exported stably
         raise BackendError(f"{path}: not a readable MindIR file ({type(exc).__name__}: {exc})") from None
     return model
 
 
-def read_model(path: Path):
+def read_signature(path: Path) -> tuple[list[TensorInfo], list[TensorInfo]]:
+    """Inputs and outputs a MindIR file declares, read from its protobuf graph."""
+    inputs, outputs, _ = _summary(*_version(path))
+    return list(inputs), list(outputs)
+
+
+def read_collectives(path: Path) -> list[Collective]:
+    """Every communicating primitive in the file, once per distinct (op, group, rank_size)."""
+    return list(_summary(*_version(path))[2])
+
+
+def _version(path: Path) -> tuple[Path, int, float]:
     path = Path(path)
     try:
         stat = path.stat()
     except OSError as exc:
         raise BackendError(f"{path}: cannot read the MindIR file ({exc.strerror})") from None
-    return _model(path, stat.st_size, stat.st_mtime)
+    return path, stat.st_size, stat.st_mtime
 
 
-def read_signature(path: Path) -> tuple[list[TensorInfo], list[TensorInfo]]:
-    """Inputs and outputs a MindIR file declares, read from its protobuf graph."""
+@functools.lru_cache(maxsize=64)
+def _summary(path: Path, size: int, mtime: float) -> tuple[tuple, tuple, tuple]:
+    """(inputs, outputs, collectives) of one version of a file: start-up asks twice (the
+    cluster phase, then the backend), and the file is parsed once; its graph and weights
+    are not kept."""
     model = read_model(path)
+    return (*_signature(model), _collectives(model))
+
+
+def _signature(model) -> tuple[tuple, tuple]:
     names = _protobuf().TensorProto.DataType.Name
 
     def info(value, index: int, prefix: str) -> TensorInfo:
@@ -97,16 +115,14 @@ def read_signature(path: Path) -> tuple[list[TensorInfo], list[TensorInfo]]:
         dtype = _DTYPES.get(names(tensor.data_type))
         return TensorInfo(name, shape, None if dtype is None else np.dtype(dtype))
 
-    inputs = [info(v, i, "input") for i, v in enumerate(model.graph.input)]
-    outputs = [info(v, i, "output") for i, v in enumerate(model.graph.output)]
+    inputs = tuple(info(v, i, "input") for i, v in enumerate(model.graph.input))
+    outputs = tuple(info(v, i, "output") for i, v in enumerate(model.graph.output))
     if any(o.shape is None for o in outputs):
-        outputs = []  # a tuple output: MindIR does not declare its members here
+        outputs = ()  # a tuple output: MindIR does not declare its members here
     return inputs, outputs
 
 
-def read_collectives(path: Path) -> list[Collective]:
-    """Every communicating primitive in the file, once per distinct (op, group, rank_size)."""
-    model = read_model(path)
+def _collectives(model) -> tuple[Collective, ...]:
     found: dict[tuple, Collective] = {}
     for primitive in model.primitives:
         op = primitive.op_type.rsplit("::", 1)[-1]
@@ -118,4 +134,4 @@ def read_collectives(path: Path) -> list[Collective]:
         reduce = attributes["op"].s.decode() if "op" in attributes else None
         found.setdefault((op, group, size, reduce),
                          Collective(op, group or None, size or None, reduce or None))
-    return list(found.values())
+    return tuple(found.values())
