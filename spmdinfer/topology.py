@@ -109,13 +109,14 @@ def discover(comm, spec: JobSpec) -> RankInfo:
     layout = layout_for(comm.size, comm.rank, spec)
     node = comm.Split_type(_shared_split_type(), key=comm.rank)
     try:
-        local_rank, local_size = node.rank, node.size
+        node_rank, local_size = node.rank, node.size
+        masks = node.allgather(cpu_mask())
     finally:
         node.Free()
-    local_rank = env_local_rank(local_rank, comm.rank)
+    local_rank = env_local_rank(node_rank, comm.rank)
     return RankInfo(layout=layout, local_rank=local_rank, local_size=local_size,
                     host=node_name(), device_id=device_for(spec.device, local_rank),
-                    threads=threads_for(spec.device, local_size))
+                    threads=threads_for(spec.device, sharing(masks, node_rank)))
 
 
 def node_name() -> str:
@@ -181,19 +182,34 @@ def physical_device(target: str, device_id: int | None) -> str | None:
     return visible[device_id] if visible is not None else str(device_id)
 
 
-def threads_for(device: DeviceSpec, local_size: int) -> int:
-    """CPU threads per rank: as set, or the node's cores shared evenly by its ranks."""
+def threads_for(device: DeviceSpec, sharing: int) -> int:
+    """CPU threads per rank: as set, or this rank's cores shared evenly by the `sharing`
+    ranks of the node that may run on them."""
     if device.threads:
         return device.threads
-    return max(1, usable_cores() // max(1, local_size))
+    return max(1, usable_cores() // max(1, sharing))
+
+
+def sharing(masks: list[frozenset[int]], node_rank: int) -> int:
+    """How many ranks of a node (their CPU masks, `masks[node_rank]` this one's) may run on
+    this rank's cores. Unbound ranks (MPICH's default) all share every core; a launcher that
+    binds (Open MPI's default, `--bind-to core`, srun's `--cpu-bind`) has already given each
+    rank its share, which is not to be divided again."""
+    mine = masks[node_rank]
+    return sum(1 for mask in masks if mask & mine) or 1
+
+
+def cpu_mask() -> frozenset[int]:
+    """The cores this process may run on."""
+    try:
+        return frozenset(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return frozenset(range(os.cpu_count() or 1))
 
 
 def usable_cores() -> int:
     """Cores this process may run on."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        return os.cpu_count() or 1
+    return len(cpu_mask())
 
 
 def _shared_split_type() -> int:

@@ -98,7 +98,7 @@ def mpi_libraries() -> tuple[str, str | None]:
     mpi4py.rc.initialize = False  # MPI_Get_library_version needs no MPI_Init
     from mpi4py import MPI
 
-    library = MPI.Get_library_version()
+    library = MPI.Get_library_version().replace("\0", "")  # Open MPI's ends in a NUL
     launcher = shutil.which("mpiexec") or shutil.which("mpirun")
     launched = None
     if launcher:

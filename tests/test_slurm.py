@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 
 from spmdinfer.journal import committed_batches
-from tests.conftest import (REPO, dynamic, export_mindir, held, rank_pids, read_h5, run_cli,
+from tests.conftest import (OPENMPI_BIN, REPO, dynamic, export_mindir, held, rank_pids, read_h5, run_cli,
                             write_h5, write_job)
 from tests.slurm_cluster import SlurmCluster, SlurmError
 
@@ -99,19 +99,28 @@ def test_single_node_script_word_for_word(slurm, tmp_path):
     assert local_ranks(log) == [(r, 8) for r in range(8)], log
 
 
+# LAUNCHER, the venv's bin folder (MPICH's or Open MPI's mpiexec first), the command it runs.
+LAUNCHERS = {"srun": ("srun", VENV_BIN, "srun --mpi=pmi2"),
+             "mpiexec": ("mpiexec", VENV_BIN, "mpiexec -launcher slurm"),
+             "openmpi": ("mpiexec", OPENMPI_BIN, "mpiexec -n 8 env")}
+
+
 @pytest.mark.parametrize("demo", ["matmul", "matmul_allgather"])
-@pytest.mark.parametrize("launcher", ["srun", "mpiexec"])
+@pytest.mark.parametrize("launcher", list(LAUNCHERS))
 def test_multi_node_script_on_one_node(slurm, tmp_path, launcher, demo):
-    """Both demos; in jobs/matmul_allgather the ranks form a MindSpore cluster under
-    Slurm's launchers."""
+    """Both demos, under srun and under MPICH's and Open MPI's mpiexec; in
+    jobs/matmul_allgather the ranks form a MindSpore cluster."""
     root, x = demo_tree(tmp_path, rows=257, seed=11, demo=demo)
     job = root / "jobs" / demo / "job.toml"
+    name, bin_folder, command = LAUNCHERS[launcher]
     job_id = slurm.sbatch(SCRIPTS / "multi-node.sbatch", "--nodes=1", "--ntasks-per-node=8",
-                          cwd=root, env=job_env(JOB=str(job), VENV_BIN=str(VENV_BIN),
-                                                LAUNCHER=launcher))
+                          cwd=root, env=job_env(JOB=str(job), VENV_BIN=str(bin_folder),
+                                                LAUNCHER=name, OMPI_ALLOW_RUN_AS_ROOT="1",
+                                                # the test node claims 8 CPUs on 2 cores
+                                                PRTE_MCA_hwloc_default_binding_policy="none",
+                                                OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1"))
     log = finished(slurm, job_id, root / f"spmdinfer-{job_id}.out")
     assert_demo_output(root / "jobs" / demo / "out" / "result.h5", x)
-    command = "srun --mpi=pmi2" if launcher == "srun" else "mpiexec -launcher slurm"
     assert f"1 node(s), {command} " in log, log
     assert "spmdinfer: 257 rows, 3 batches," in log, log
     assert local_ranks(log) == [(r, 8) for r in range(8)], log

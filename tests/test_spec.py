@@ -12,7 +12,7 @@ from spmdinfer.comm import pack_header, unpack_header
 from spmdinfer.program import bind_inputs
 from spmdinfer.combine import check_layout
 from spmdinfer.spec import Combine, load_spec, parse_spec
-from spmdinfer.topology import device_for, threads_for
+from spmdinfer.topology import device_for, sharing, threads_for
 
 BASE = """
 [model]
@@ -132,6 +132,14 @@ def test_threads_split_cores_between_local_ranks():
     spec = parse()
     assert threads_for(spec.device, 10_000) == 1
     assert threads_for(parse(extra="[device]\nthreads = 3\n").device, 8) == 3
+
+
+def test_ranks_share_only_the_cores_their_masks_have_in_common():
+    every = frozenset(range(8))
+    assert sharing([every] * 4, node_rank=2) == 4                      # unbound: all share
+    assert sharing([frozenset({c}) for c in range(4)], node_rank=1) == 1  # bound to a core each
+    sockets = [frozenset(range(4))] * 2 + [frozenset(range(4, 8))] * 2    # bound to a socket
+    assert sharing(sockets, node_rank=3) == 2
 
 
 def fields(*specs):
