@@ -38,7 +38,8 @@ def run_cli(*args, n: int | None = None, timeout: float = MPI_TIMEOUT, env: dict
 
 
 def rank_pids(job: Path) -> dict[int, int]:
-    """rank -> pid of the spmdinfer processes running `job` (read from their PMI_RANK)."""
+    """rank -> pid of the spmdinfer processes running `job` (read from the rank variable
+    their launcher set: MPICH's PMI_RANK, Open MPI's OMPI_COMM_WORLD_RANK)."""
     pids = {}
     for proc in Path("/proc").iterdir():
         try:
@@ -48,8 +49,9 @@ def rank_pids(job: Path) -> dict[int, int]:
                        if "=" in item)
         except (OSError, ValueError):
             continue
-        if "PMI_RANK" in env and "spmdinfer" in (proc / "cmdline").read_text():
-            pids[int(env["PMI_RANK"])] = int(proc.name)
+        rank = env.get("PMI_RANK", env.get("OMPI_COMM_WORLD_RANK"))
+        if rank is not None and "spmdinfer" in (proc / "cmdline").read_text():
+            pids[int(rank)] = int(proc.name)
     return pids
 
 
