@@ -132,8 +132,10 @@ def _catch_stop_signals(peers: Peers) -> dict:
         if not first:
             first.append(time.monotonic())
             peers.signalled = True
-            log.warning("received %s: stopping after the batches in flight",
-                        signal.Signals(signum).name)
+            # Not "a user asked": Open MPI's launcher sends SIGTERM to the survivors of a
+            # rank that died, and Slurm to every rank of a job it ends.
+            log.warning("received %s (from the launcher, Slurm or a user): stopping after the "
+                        "batches in flight", signal.Signals(signum).name)
 
     if threading.current_thread() is not threading.main_thread():
         return {}
