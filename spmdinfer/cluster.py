@@ -47,7 +47,6 @@ import tempfile
 import threading
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 from .errors import BackendError, PeerFailed, SpmdinferError
 from .log import log

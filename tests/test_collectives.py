@@ -9,7 +9,6 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -22,8 +21,8 @@ from spmdinfer.journal import committed_batches
 from spmdinfer.mindir import Collective
 from spmdinfer.spec import parse_spec
 from tests import cells
-from tests.conftest import (MPIEXEC, OPENMPI_BIN, REPO, assert_clean_error, held, rank_pids, read_h5,
-                            run_cli, write_h5, write_job)
+from tests.conftest import (OPENMPI_BIN, PYTHON, REPO, assert_clean_error, held, mpi_command,
+                            mpi_env, rank_pids, read_h5, run_cli, write_h5, write_job)
 from tests.export_collectives import FIXED_BATCH, seed_weight
 
 pytestmark = pytest.mark.mpi
@@ -37,11 +36,9 @@ def collective_slices(tmp_path_factory):
     def export(size: int) -> Path:
         if size not in exported:
             folder = tmp_path_factory.mktemp(f"collective{size}")
-            command = [MPIEXEC, "-n", str(size), sys.executable, "-m", "tests.export_collectives",
-                       str(folder)]
-            result = subprocess.run(
-                command, cwd=REPO, capture_output=True, text=True, timeout=600,
-                env={**os.environ, "GLOG_v": "3"}, stdin=subprocess.DEVNULL)
+            command = [*mpi_command(size), PYTHON, "-m", "tests.export_collectives", str(folder)]
+            result = subprocess.run(command, cwd=REPO, capture_output=True, text=True,
+                                    timeout=600, env=mpi_env(), stdin=subprocess.DEVNULL)
             assert result.returncode == 0, result.stderr[-3000:]
             exported[size] = folder
         return exported[size]
@@ -263,9 +260,8 @@ def test_kill_9_mid_collective_then_resume_is_identical(tmp_path, collective_sli
     slices = collective_slices(2)
     path, x = job(tmp_path, slices, "allgather", ranks=2, rows=3000, batch=10)
     process = subprocess.Popen(
-        [MPIEXEC, "-n", "2", sys.executable, "-m", "spmdinfer", "run", str(path)], cwd=REPO,
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        env={**os.environ, "GLOG_v": "3", **tagged(tmp_path)})
+        [*mpi_command(2), PYTHON, "-m", "spmdinfer", "run", str(path)], cwd=REPO,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=mpi_env(**tagged(tmp_path)))
     deadline = time.monotonic() + 240
     while committed_batches(tmp_path / "out" / "result.h5") < 5:
         assert process.poll() is None, process.communicate()
@@ -294,9 +290,8 @@ def test_kill_9_mid_collective_then_resume_is_identical(tmp_path, collective_sli
 def test_the_scheduler_dies_with_its_rank_and_frees_its_port(tmp_path, collective_slices):
     path, _ = job(tmp_path, collective_slices(2), "allgather", ranks=2, rows=3000, batch=10)
     process = subprocess.Popen(
-        [MPIEXEC, "-n", "2", sys.executable, "-m", "spmdinfer", "run", str(path)], cwd=REPO,
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        env={**os.environ, "GLOG_v": "3", **tagged(tmp_path)})
+        [*mpi_command(2), PYTHON, "-m", "spmdinfer", "run", str(path)], cwd=REPO,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=mpi_env(**tagged(tmp_path)))
     deadline = time.monotonic() + 240
     while committed_batches(tmp_path / "out" / "result.h5") < 2:
         assert process.poll() is None and time.monotonic() < deadline

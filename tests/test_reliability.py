@@ -8,7 +8,6 @@ import random
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -18,17 +17,18 @@ import pytest
 
 from spmdinfer.journal import committed_batches
 from tests.cells import FixedBatchOnly, MatMulNeg
-from tests.conftest import (MPIEXEC, REPO, assert_clean_error, dynamic, export_mindir, held,
-                            matmul_job, rank_pids, run_cli, write_h5, write_job)
+from tests.conftest import (PYTHON, REPO, UNDER_OPENMPI, assert_clean_error, dynamic, export_mindir, held,
+                            matmul_job, mpi_command, mpi_env, rank_pids, run_cli, write_h5,
+                            write_job)
 
 EXIT_STOPPED = 75
 ROWS, BATCH = 3000, 10
 
 
 def start_run(job: Path, n: int, *extra) -> subprocess.Popen:
-    command = [MPIEXEC, "-n", str(n), sys.executable, "-m", "spmdinfer", "run", str(job), *extra]
+    command = [*mpi_command(n), PYTHON, "-m", "spmdinfer", "run", str(job), *extra]
     return subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env={**os.environ, "GLOG_v": "3"}, start_new_session=True)
+                            text=True, env=mpi_env(), start_new_session=True)
 
 
 def committed(folder: Path) -> int:
@@ -113,21 +113,28 @@ def test_signal_stops_at_a_batch_boundary_then_resume(reference, tmp_path, signu
     with held(rank_pids(job).values(), until_pending=signum):
         run.send_signal(signum)  # to mpiexec, which forwards it to every rank
     _, stderr = run.communicate(timeout=60)
-    assert run.returncode == EXIT_STOPPED, stderr
-    assert "stopped early" in stderr and "--resume" in stderr
-    assert not (tmp_path / "out" / "result.h5").exists()
-    assert 20 <= committed(tmp_path) < ROWS // BATCH
+    if UNDER_OPENMPI and signum == signal.SIGTERM:
+        # Open MPI's mpirun forwards SIGTERM, then ends the ranks itself and exits 1, their
+        # output lost (docs/launchers.md); whatever was committed is safe all the same.
+        assert run.returncode == 1, stderr
+    else:
+        assert run.returncode == EXIT_STOPPED, stderr
+        assert "stopped early" in stderr and "--resume" in stderr
+        assert not (tmp_path / "out" / "result.h5").exists()
+        assert 20 <= committed(tmp_path) < ROWS // BATCH
     resume_and_compare(reference, tmp_path, job)
 
 
 def test_signals_in_quick_succession_are_one_request(reference, tmp_path):
     # Under Slurm a rank can get the stop signal from Slurm and from mpiexec at once.
+    # (Open MPI's mpirun ends the ranks itself after SIGTERM: there, SIGUSR1.)
+    stop = signal.SIGUSR1 if UNDER_OPENMPI else signal.SIGTERM
     job = copy_job(reference, tmp_path)
     run = start_run(job, 4)
     wait_for(lambda: committed(tmp_path) >= 10)
-    with held(rank_pids(job).values(), until_pending=signal.SIGTERM):
-        run.send_signal(signal.SIGTERM)
-        run.send_signal(signal.SIGTERM)
+    with held(rank_pids(job).values(), until_pending=stop):
+        run.send_signal(stop)
+        run.send_signal(stop)
     _, stderr = run.communicate(timeout=60)
     assert run.returncode == EXIT_STOPPED and "stopped early" in stderr
     resume_and_compare(reference, tmp_path, job)
