@@ -17,6 +17,7 @@ who this rank is.
 
 from __future__ import annotations
 
+import abc
 import contextlib
 from dataclasses import dataclass
 from typing import NamedTuple, Sequence
@@ -100,16 +101,16 @@ class _FromStage:
 
 # Sources: the group's next batch on every rank of it.
 
-class Source:
+class Source(abc.ABC):
     """The group's batches; `feed` gives the leader its own (None on the others)."""
 
     def __init__(self, group: Channel, feed):
         self.group = group
         self.feed = feed
 
+    @abc.abstractmethod
     def take(self) -> Batch:
         """The group's next batch, on every rank of it."""
-        raise NotImplementedError
 
     def post_ahead(self) -> None:
         """After the stage predicted a batch, before it combines it."""
