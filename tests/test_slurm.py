@@ -182,12 +182,16 @@ def test_array_script_one_task_per_input(slurm, tmp_path):
     assert not list((root / "jobs" / "matmul").glob(".array.*.toml"))
 
 
-ROWS, BATCH = 32000, 16
+# 12000 small batches, about 10 s of scoring: long enough that a stop sent through Slurm
+# lands mid-run however busy the machine. The ranks are held (SIGSTOP) while it is sent, but
+# Slurm's own requeue sends SIGCONT before SIGTERM, so in that case only the length of the
+# job keeps the stop mid-run (2000 batches were done before SIGTERM came, under load).
+ROWS, BATCH = 48000, 4
 
 
 @pytest.fixture(scope="module")
 def long_run(tmp_path_factory):
-    """A job of 2000 small batches on 2 column slices, and its output from a plain, uninterrupted
+    """A job of 12000 small batches on 2 column slices, and its output from a plain, uninterrupted
     `mpiexec -n 2` run: (slice template, input rows, weight, reference output)."""
     from tests.cells import MatMulNeg
 
@@ -216,14 +220,18 @@ def long_job(folder: Path, template: Path, x: np.ndarray) -> Path:
 
 
 def wait_until_scoring(slurm: SlurmCluster, job_id: str, output: Path) -> None:
-    """Until a few batches are committed (records in FILE.parts/batches.log), or 30 s."""
-    slurm.wait(job_id, timeout=60, until=lambda records: records[0]["JobState"] != "PENDING")
-    started = time.monotonic()
-    while time.monotonic() - started < 30:
-        if committed_batches(output) >= 8:
-            return
-        if slurm.jobs(job_id)[0]["JobState"] != "RUNNING":
-            return
+    """Until a few batches are committed (records in FILE.parts/batches.log), however long
+    the ranks take to start on a busy machine (the deadline is a safety net, not a window),
+    as long as the job runs."""
+    slurm.wait(job_id, timeout=600, until=lambda records: records[0]["JobState"] != "PENDING")
+    deadline = time.monotonic() + 600
+    looks = 0
+    while committed_batches(output) < 8:
+        looks += 1
+        if looks % 50 == 0:  # about once a second: scontrol is not free on a busy machine
+            state = slurm.jobs(job_id)[0]["JobState"]
+            assert state == "RUNNING", f"the job is {state} before committing 8 batches"
+        assert time.monotonic() < deadline, "the job committed fewer than 8 batches in 600 s"
         time.sleep(0.02)
 
 
@@ -231,7 +239,7 @@ def wait_until_scoring(slurm: SlurmCluster, job_id: str, output: Path) -> None:
 def held_mid_run(slurm: SlurmCluster, job_id: str, job: Path, output: Path, stop: signal.Signals):
     """Once a few batches are committed, the job's ranks held (SIGSTOP) while the body sends
     `stop` its way through Slurm, and continued once it is pending on them: without this a
-    fast machine finishes the 2000 batches before Slurm's signal reaches the ranks."""
+    fast machine finishes the job before Slurm's signal reaches the ranks."""
     wait_until_scoring(slurm, job_id, output)
     pids = rank_pids(job)
     assert sorted(pids) == [0, 1], (pids, slurm.jobs(job_id))
