@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import sys
 import traceback
@@ -129,6 +130,9 @@ def _inspect(args) -> int:
 
 
 def _run(spec, args) -> int:
+    # Open MPI 5 warns once per rank, at the first shared-memory window, that its UCX
+    # one-sided component cannot serve it (osc/sm does); spmdinfer opens no other windows.
+    os.environ.setdefault("OMPI_MCA_osc", "^ucx")
     from mpi4py import MPI
 
     from .runner import EXIT_STOPPED, run_job

@@ -6,8 +6,9 @@ followed by the arrays themselves.
 
 Every wait for a peer goes through `Channel.wait`, which tests a nonblocking
 request, checks the job-wide failure notices (`Peers`) and, between tests, yields
-the core for a while (`patience`: 1 ms when every rank of the node has a core of
-its own, none otherwise), then sleeps with a growing backoff: ranks that wait do
+the core for a while (`patience`: 1 ms when no more ranks may run on this rank's
+cores than it has, as when each has a core of its own or is bound to one; none
+otherwise), then sleeps with a growing backoff: ranks that wait do
 not burn a core when ranks outnumber cores, and no rank waits forever for a peer
 that has failed. Once a polite
 rendezvous shows every rank of a group is present, bulk transfers test without
@@ -27,7 +28,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from .errors import PeerFailed
-from .topology import usable_cores
+from .topology import cpu_mask, sharing
 
 ROOT = 0
 YIELD_SECONDS = 1e-3  # with a core per rank, yield between tests this long before sleeping
@@ -132,14 +133,16 @@ class Channel:
     def __init__(self, comm, peers: Peers, idle: Callable[[], None] | None = None,
                  recorder=None, patience: float | None = None):
         """`patience`: seconds a wait yields the core before it sleeps; by default
-        YIELD_SECONDS if this node has a core for each of its ranks in `comm`, else 0."""
+        YIELD_SECONDS if the ranks of `comm` that may run on this rank's cores (their CPU
+        masks overlap) are no more than those cores, else 0."""
         from mpi4py import MPI
 
         self._mpi = MPI
         self.comm = comm.Dup()
         if patience is None:
             node = self.comm.Split_type(MPI.COMM_TYPE_SHARED)
-            patience = YIELD_SECONDS if node.size <= usable_cores() else 0.0
+            masks = node.allgather(cpu_mask())
+            patience = YIELD_SECONDS if sharing(masks, node.rank) <= len(masks[node.rank]) else 0.0
             node.Free()
         self.patience = patience
         self.peers = peers

@@ -20,6 +20,7 @@ wait checks for notices, so no rank waits forever for a peer that has failed.
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import threading
@@ -123,6 +124,7 @@ def _catch_stop_signals(peers: Peers) -> dict:
     """SIGTERM and SIGUSR1 (sbatch --signal): finish the batch in flight, commit, stop.
     A second one exits at once; committed batches are safe on disk either way."""
     first = []
+    level = logging.WARNING if peers.comm.rank == 0 else logging.INFO
 
     def handler(signum, frame):
         # Under Slurm a rank may get one stop signal from Slurm and one from mpiexec within
@@ -133,9 +135,10 @@ def _catch_stop_signals(peers: Peers) -> dict:
             first.append(time.monotonic())
             peers.signalled = True
             # Not "a user asked": Open MPI's launcher sends SIGTERM to the survivors of a
-            # rank that died, and Slurm to every rank of a job it ends.
-            log.warning("received %s (from the launcher, Slurm or a user): stopping after the "
-                        "batches in flight", signal.Signals(signum).name)
+            # rank that died, and Slurm to every rank of a job it ends. Every rank gets it:
+            # one line (rank 0's) says so, the others only at INFO.
+            log.log(level, "received %s (from the launcher, Slurm or a user): stopping after "
+                    "the batches in flight", signal.Signals(signum).name)
 
     if threading.current_thread() is not threading.main_thread():
         return {}

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import os
 import time
 from pathlib import Path
 
@@ -68,7 +69,8 @@ class Startup:
         info = topology.discover(self.world.comm, self.spec)
         self.info, self.layout = info, info.layout
         setup_logging(info.rank)
-        log.info("%s", info)
+        # The pid too: MPICH's launcher names a killed rank by its pid and host alone.
+        log.info("%s pid=%d", info, os.getpid())
         return info
 
     def preflight(self) -> tuple[list[InputField], int, bool]:
