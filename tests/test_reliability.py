@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import os
 import random
+import re
 import shutil
 import signal
+import socket
 import subprocess
 import time
 from pathlib import Path
@@ -17,8 +19,9 @@ import pytest
 
 from spmdinfer.journal import committed_batches
 from tests.cells import FixedBatchOnly, MatMulNeg
-from tests.conftest import (PYTHON, REPO, UNDER_OPENMPI, assert_clean_error, dynamic, export_mindir, held,
-                            matmul_job, mpi_command, mpi_env, rank_pids, run_cli, write_h5,
+from tests.conftest import (PYTHON, REPO, UNDER_OPENMPI, assert_clean_error, dynamic, export_mindir,
+                            forward, held, matmul_job, mpi_command, mpi_env, off_loopback_sockets,
+                            rank_pids, ranks_up, resume, run_until, stop, run_cli, write_h5,
                             write_job)
 
 EXIT_STOPPED = 75
@@ -33,6 +36,25 @@ def start_run(job: Path, n: int, *extra) -> subprocess.Popen:
 
 def committed(folder: Path) -> int:
     return committed_batches(folder / "out" / "result.h5")
+
+
+def stopped_at(run: subprocess.Popen, job: Path, batches: int, n: int = 4) -> dict[int, int]:
+    """The ranks of `run` (rank -> pid), stopped once at least `batches` batches of `job` are
+    committed (its folder's out/result.h5): in long steps through start-up, then short ones."""
+    pids = ranks_up(job, n, run)
+    stop(pids.values())
+    run_until(pids.values(), lambda: committed(job.parent) >= 1, run, step=0.05)
+    run_until(pids.values(), lambda: committed(job.parent) >= batches, run)
+    return pids
+
+
+def stop_through_launcher(run: subprocess.Popen, job: Path, batches: int, signum) -> None:
+    """`signum` sent to the launcher of `run`, reaching its ranks after `batches` batches."""
+    pids = stopped_at(run, job, batches)
+    try:
+        forward(run, pids.values(), signum)
+    finally:
+        resume(pids.values())
 
 
 def wait_for(predicate, timeout: float = 120.0) -> None:
@@ -80,6 +102,21 @@ def resume_and_compare(reference, tmp_path: Path, job: Path) -> None:
     assert not (tmp_path / "out" / "result.h5.parts").exists()
 
 
+def test_the_ranks_traffic_stays_on_loopback(reference, tmp_path):
+    # The tests' own rule (tests/conftest.py, LOOPBACK_ENV): mid-run, no socket of a rank is
+    # bound to or connected to an address other than loopback.
+    job = copy_job(reference, tmp_path)
+    run = start_run(job, 4)
+    pids = stopped_at(run, job, 3)
+    try:
+        assert off_loopback_sockets(pids.values()) == []
+        forward(run, pids.values(), signal.SIGUSR1)
+    finally:
+        resume(pids.values())
+    run.communicate(timeout=60)
+    assert run.returncode == EXIT_STOPPED
+
+
 KILLS = [(0, 1), (0, 2), (1, 3), (3, 4), (2, 5)]  # (rank, seed)
 
 
@@ -88,15 +125,22 @@ def test_kill_9_then_resume_is_bitwise_identical(reference, tmp_path, rank, seed
     job = copy_job(reference, tmp_path)
     run = start_run(job, 4)
     at = random.Random(seed).randint(3, 150)
-    wait_for(lambda: committed(tmp_path) >= at or run.poll() is not None)
-    assert run.poll() is None, "the run ended before the kill"
-    pids = rank_pids(job)
+    pids = stopped_at(run, job, at)
     with held(pids.values()):
         os.kill(pids[rank], signal.SIGKILL)
     killed = time.monotonic()
-    run.communicate(timeout=60)
+    stdout, stderr = run.communicate(timeout=60)
     gone = time.monotonic() - killed
     assert run.returncode != 0
+    # Open MPI names the rank that died, its pid and host (on stderr, its lines wrapped).
+    # MPICH's hydra (on stdout) names the host and a pid of that host's ranks: the first one,
+    # not always the one killed; nothing is left alive that could say more.
+    host, pid, said = socket.gethostname(), pids[rank], " ".join((stdout + stderr).split())
+    if UNDER_OPENMPI:
+        assert f"process rank {rank} with PID {pid} on node {host} exited on signal 9" in said, stderr
+    else:
+        assert re.search(rf"BAD TERMINATION .* PID ({'|'.join(map(str, pids.values()))}) "
+                         rf"RUNNING AT {host} .* Killed \(signal 9\)", said), stdout
     print(f"\nkill -9 of rank {rank} after >= {at} committed batches: every process gone in "
           f"{gone:.2f} s")
     assert gone < 10, f"the other ranks took {gone:.1f} s to go"
@@ -109,9 +153,7 @@ def test_kill_9_then_resume_is_bitwise_identical(reference, tmp_path, rank, seed
 def test_signal_stops_at_a_batch_boundary_then_resume(reference, tmp_path, signum):
     job = copy_job(reference, tmp_path)
     run = start_run(job, 4)
-    wait_for(lambda: committed(tmp_path) >= 20)
-    with held(rank_pids(job).values(), until_pending=signum):
-        run.send_signal(signum)  # to mpiexec, which forwards it to every rank
+    stop_through_launcher(run, job, 20, signum)  # mpiexec forwards it to every rank
     _, stderr = run.communicate(timeout=60)
     if UNDER_OPENMPI and signum == signal.SIGTERM:
         # Open MPI's mpirun forwards SIGTERM, then ends the ranks itself and exits 1, their
@@ -120,6 +162,7 @@ def test_signal_stops_at_a_batch_boundary_then_resume(reference, tmp_path, signu
     else:
         assert run.returncode == EXIT_STOPPED, stderr
         assert "stopped early" in stderr and "--resume" in stderr
+        assert stderr.count(f"received {signum.name}") == 1, stderr  # rank 0's line alone
         assert not (tmp_path / "out" / "result.h5").exists()
         assert 20 <= committed(tmp_path) < ROWS // BATCH
     resume_and_compare(reference, tmp_path, job)
@@ -131,10 +174,12 @@ def test_signals_in_quick_succession_are_one_request(reference, tmp_path):
     stop = signal.SIGUSR1 if UNDER_OPENMPI else signal.SIGTERM
     job = copy_job(reference, tmp_path)
     run = start_run(job, 4)
-    wait_for(lambda: committed(tmp_path) >= 10)
-    with held(rank_pids(job).values(), until_pending=stop):
+    pids = stopped_at(run, job, 10)
+    try:
         run.send_signal(stop)
-        run.send_signal(stop)
+        forward(run, pids.values(), stop)
+    finally:
+        resume(pids.values())
     _, stderr = run.communicate(timeout=60)
     assert run.returncode == EXIT_STOPPED and "stopped early" in stderr
     resume_and_compare(reference, tmp_path, job)
@@ -143,9 +188,7 @@ def test_signals_in_quick_succession_are_one_request(reference, tmp_path):
 def test_without_resume_a_partial_run_is_never_touched(reference, tmp_path):
     job = copy_job(reference, tmp_path)
     run = start_run(job, 4)
-    wait_for(lambda: committed(tmp_path) >= 5)
-    with held(rank_pids(job).values(), until_pending=signal.SIGUSR1):
-        run.send_signal(signal.SIGUSR1)
+    stop_through_launcher(run, job, 5, signal.SIGUSR1)
     run.communicate(timeout=60)
     assert run.returncode == EXIT_STOPPED
     before = {p.name: p.read_bytes() for p in (tmp_path / "out" / "result.h5.parts").iterdir()}
@@ -164,9 +207,7 @@ def test_resume_refuses_a_changed_job_input_or_slice(reference, tmp_path, change
     folder, doc, _ = reference
     job = copy_job(reference, tmp_path)
     run = start_run(job, 4)
-    wait_for(lambda: committed(tmp_path) >= 5)
-    with held(rank_pids(job).values(), until_pending=signal.SIGUSR1):
-        run.send_signal(signal.SIGUSR1)
+    stop_through_launcher(run, job, 5, signal.SIGUSR1)
     run.communicate(timeout=60)
     assert run.returncode == EXIT_STOPPED
     if change == "job":
@@ -222,14 +263,16 @@ def test_corrupt_slice_then_fixed_slice(tmp_path, matmul_slices):
 def test_second_run_on_the_same_output_fails_fast_and_stale_lock_is_taken(reference, tmp_path):
     job = copy_job(reference, tmp_path)
     run = start_run(job, 4)
-    wait_for(lambda: committed(tmp_path) >= 3)
     # Hold the first run's ranks (they finish 300 batches in about a second, sooner than a
     # second mpiexec starts) so that it still holds the lock while the second one starts.
-    with held(rank_pids(job).values(), until_pending=signal.SIGUSR1):
+    pids = stopped_at(run, job, 3)
+    try:
         started = time.monotonic()
         result = run_cli("run", job, "--resume", n=2)
         assert time.monotonic() - started < 30
-        run.send_signal(signal.SIGUSR1)
+        forward(run, pids.values(), signal.SIGUSR1)
+    finally:
+        resume(pids.values())
     assert_clean_error(result, "another run is writing it", "result.h5.lock")
     run.communicate(timeout=60)
     assert run.returncode == EXIT_STOPPED
@@ -241,13 +284,8 @@ def test_second_run_on_the_same_output_fails_fast_and_stale_lock_is_taken(refere
 def test_watchdog_ends_a_frozen_rank(reference, tmp_path):
     job = copy_job(reference, tmp_path, batch_timeout=3)
     run = start_run(job, 4)
-    wait_for(lambda: committed(tmp_path) >= 5)
-    pids = rank_pids(job)
-    for pid in pids.values():   # all stopped, then all but rank 1 continued: the run cannot
-        os.kill(pid, signal.SIGSTOP)  # end before rank 1 freezes
-    for rank, pid in pids.items():
-        if rank != 1:
-            os.kill(pid, signal.SIGCONT)
+    pids = stopped_at(run, job, 5)  # all stopped, then all but rank 1 continued
+    resume(pid for rank, pid in pids.items() if rank != 1)
     stopped = time.monotonic()
     _, stderr = run.communicate(timeout=60)
     assert run.returncode != 0

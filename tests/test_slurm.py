@@ -22,8 +22,8 @@ import numpy as np
 import pytest
 
 from spmdinfer.journal import committed_batches
-from tests.conftest import (OPENMPI_BIN, REPO, dynamic, export_mindir, held, rank_pids, read_h5, run_cli,
-                            write_h5, write_job)
+from tests.conftest import (LOOPBACK_ENV, OPENMPI_BIN, REPO, dynamic, export_mindir, held, rank_pids,
+                            read_h5, run_cli, write_h5, write_job)
 from tests.slurm_cluster import SlurmCluster, SlurmError
 
 SCRIPTS = REPO / "slurm"
@@ -45,8 +45,9 @@ def slurm(tmp_path_factory):
 
 
 def job_env(**variables) -> dict:
-    """The environment sbatch exports to the job: this Python's bin folder first on PATH."""
-    return {"PATH": f"{VENV_BIN}{os.pathsep}{os.environ['PATH']}", "GLOG_v": "3",
+    """The environment sbatch exports to the job: this Python's bin folder first on PATH,
+    MPI on loopback."""
+    return {"PATH": f"{VENV_BIN}{os.pathsep}{os.environ['PATH']}", "GLOG_v": "3", **LOOPBACK_ENV,
             "SPMDINFER_LOG_LEVEL": "INFO", **variables}
 
 
