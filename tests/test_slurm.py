@@ -254,7 +254,11 @@ def held_mid_run(slurm: SlurmCluster, job_id: str, job: Path, output: Path, stop
     # Slurm's own requeue, as preemption with PreemptMode=REQUEUE does it: TERM to every
     # process of the job, the ranks included, and Slurm requeues the job itself.
     ("multi-node.sbatch", "srun", "requeue"),
-], ids=["single-node-mpiexec-USR1", "multi-node-srun-USR1", "multi-node-srun-scontrol-requeue"])
+    # The same two under Open MPI's mpiexec.
+    ("multi-node.sbatch", "openmpi", "USR1"),
+    ("multi-node.sbatch", "openmpi", "requeue"),
+], ids=["single-node-mpiexec-USR1", "multi-node-srun-USR1", "multi-node-srun-scontrol-requeue",
+        "multi-node-openmpi-USR1", "multi-node-openmpi-scontrol-requeue"])
 def test_preempted_job_is_requeued_and_resumes(slurm, tmp_path, long_run, script, launcher,
                                                action):
     """Stopped mid-run (USR1 to the batch shell is what --signal=B:USR1@N sends before the
@@ -264,10 +268,19 @@ def test_preempted_job_is_requeued_and_resumes(slurm, tmp_path, long_run, script
     template, x, weight, reference = long_run
     job = long_job(tmp_path / "slurm", template, x)
     output = job.parent / "out" / "result.h5"
+    name, bin_folder, _ = LAUNCHERS[launcher]
     job_id = slurm.sbatch(SCRIPTS / script, "--nodes=1", "--ntasks-per-node=2", cwd=job.parent,
-                          env=job_env(JOB=str(job), VENV_BIN=str(VENV_BIN), LAUNCHER=launcher))
+                          env=job_env(JOB=str(job), VENV_BIN=str(bin_folder), LAUNCHER=name,
+                                      OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1",
+                                      PRTE_MCA_hwloc_default_binding_policy="none"))
     stop = signal.SIGTERM if action == "requeue" else signal.SIGUSR1
-    with held_mid_run(slurm, job_id, job, output, stop):
+    # Open MPI's mpirun may never forward a signal to stopped ranks (tests/conftest.py,
+    # forward): its ranks are not held; 12000 batches outlast the signal's way to them.
+    holding = contextlib.nullcontext() if launcher == "openmpi" else \
+        held_mid_run(slurm, job_id, job, output, stop)
+    if launcher == "openmpi":
+        wait_until_scoring(slurm, job_id, output)
+    with holding:
         if action == "requeue":
             slurm.command("scontrol", "requeue", job_id)
         else:
@@ -276,7 +289,9 @@ def test_preempted_job_is_requeued_and_resumes(slurm, tmp_path, long_run, script
     log = finished(slurm, job_id, job.parent / f"spmdinfer-{job_id}.out", timeout=300)
     (record,) = slurm.jobs(job_id)
     assert record["Restarts"] == "1", (record, log)
-    assert "stopping after the batches in flight" in log, log
+    if not (launcher == "openmpi" and action == "requeue"):
+        # (Under Open MPI, Slurm's TERM ends mpirun too, and the ranks' output with it.)
+        assert "stopping after the batches in flight" in log, log
     if action == "requeue":
         assert "got TERM" in log and "requeueing job" not in log, log
     else:
