@@ -17,7 +17,7 @@ import h5py
 import numpy as np
 import pytest
 
-from spmdinfer.journal import committed_batches
+from spmdinfer.journal import LOG, committed_batches, parts_folder
 from tests.cells import FixedBatchOnly, MatMulNeg
 from tests.conftest import (PYTHON, REPO, UNDER_OPENMPI, assert_clean_error, dynamic, export_mindir,
                             forward, held, matmul_job, mpi_command, mpi_env, off_loopback_sockets,
@@ -40,10 +40,12 @@ def committed(folder: Path) -> int:
 
 def stopped_at(run: subprocess.Popen, job: Path, batches: int, n: int = 4) -> dict[int, int]:
     """The ranks of `run` (rank -> pid), stopped once at least `batches` batches of `job` are
-    committed (its folder's out/result.h5): in long steps through start-up, then short ones."""
+    committed (its folder's out/result.h5): in long steps through start-up (until the journal's
+    log exists, just before the first batch), then short ones (a step of 50 ms can score 50)."""
     pids = ranks_up(job, n, run)
     stop(pids.values())
-    run_until(pids.values(), lambda: committed(job.parent) >= 1, run, step=0.05)
+    log = parts_folder(job.parent / "out" / "result.h5") / LOG
+    run_until(pids.values(), log.exists, run, step=0.05)
     run_until(pids.values(), lambda: committed(job.parent) >= batches, run)
     return pids
 
