@@ -157,11 +157,7 @@ def forward(run: subprocess.Popen, pids, signum: signal.Signals, timeout: float 
         run.send_signal(signum)
         return
     run.send_signal(signum)
-    waiting, deadline = set(pids), time.monotonic() + timeout
-    while waiting:
-        waiting = {pid for pid in waiting if _stopped_without(pid, signum)}
-        assert time.monotonic() < deadline, f"{signum.name} never reached processes {sorted(waiting)}"
-        time.sleep(0.02)
+    _wait_pending(pids, signum, timeout)
     resume(pids)
 
 
@@ -177,14 +173,19 @@ def held(pids, until_pending: signal.Signals | None = None, timeout: float = 30)
     stop(pids, timeout)
     try:
         yield
-        waiting, deadline = set(pids), time.monotonic() + timeout
-        while until_pending and waiting:
-            waiting = {pid for pid in waiting if _stopped_without(pid, until_pending)}
-            assert time.monotonic() < deadline, (
-                f"{until_pending.name} never reached processes {sorted(waiting)}")
-            time.sleep(0.02)
+        if until_pending:
+            _wait_pending(pids, until_pending, timeout)
     finally:
         resume(pids)
+
+
+def _wait_pending(pids, signum: signal.Signals, timeout: float) -> None:
+    """Wait until `signum` is pending on every process of `pids` still stopped."""
+    waiting, deadline = set(pids), time.monotonic() + timeout
+    while waiting:
+        waiting = {pid for pid in waiting if _stopped_without(pid, signum)}
+        assert time.monotonic() < deadline, f"{signum.name} never reached processes {sorted(waiting)}"
+        time.sleep(0.02)
 
 
 def _stopped_or_gone(pid: int) -> bool:
