@@ -94,26 +94,28 @@ class Combiner:
                 results.append(output)
                 continue
             shapes = [(rows,) + tuple(layout[k][1][1:]) for layout in self.layouts]
-            if mode.mode == "concat":
-                results.append(self.group.gather_concat(output, shapes, mode.axis))
-            else:
-                results.append(self.group.reduce_sum(output))
+            parts = self.group.gather(np.asarray(output), shapes)
+            results.append(None if parts is None else joined(mode, parts))
         return results
 
     def _from_parts(self, outputs, parts) -> list[np.ndarray]:
         """The root's combine from every rank's shared segment (its own outputs at hand)."""
-        results = []
-        for k, (output, mode) in enumerate(zip(outputs, self.modes)):
-            if mode.mode == "rank0":
-                results.append(output)
-            elif mode.mode == "concat":
-                results.append(np.concatenate([output] + [p[k] for p in parts[1:]], axis=mode.axis))
-            else:
-                total = output if output.flags.writeable and output.flags.owndata else output.copy()
-                for p in parts[1:]:
-                    total += p[k]
-                results.append(total)
-        return results
+        return [output if mode.mode == "rank0" else joined(mode, [output] + [p[k] for p in parts[1:]])
+                for k, (output, mode) in enumerate(zip(outputs, self.modes))]
+
+
+def joined(combine: Combine, parts: Sequence[np.ndarray]) -> np.ndarray:
+    """Every rank's part (rank order) of one output, combined. A sum adds them one by one in
+    rank order, never as MPI's reduction trees do (their order follows the ranks' placement
+    on nodes): so the same job gives the same bits on one node or many, by message or
+    through shared memory."""
+    if combine.mode == "concat":
+        return np.concatenate(parts, axis=combine.axis)
+    first = parts[0]
+    total = first if first.flags.writeable and first.flags.owndata else first.copy()
+    for part in parts[1:]:
+        total += part
+    return total
 
 
 def check_rows(name: str, rank: int, shape: tuple, rows: int) -> None:

@@ -324,9 +324,8 @@ class Channel:
         self.wait(self.comm.Iallgather(pack_header(GO, 0, 0, arrays), table))
         return [unpack_header(row)[3] for row in table]
 
-    def gather_concat(self, array: np.ndarray, shapes: Sequence[tuple[int, ...]],
-                      axis: int) -> np.ndarray | None:
-        """Concatenate every rank's `array` (shapes known from the layouts) on the root."""
+    def gather(self, array: np.ndarray, shapes: Sequence[tuple[int, ...]]) -> list[np.ndarray] | None:
+        """Every rank's `array` (shapes known from the layouts), in rank order, on the root."""
         counts = [int(np.prod(s)) * array.itemsize for s in shapes]
         if not self.is_root:
             self.wait(self.comm.Igatherv(_bytes(array), None, root=ROOT), busy=True)
@@ -335,16 +334,8 @@ class Channel:
         displacements = np.cumsum([0] + counts[:-1])
         self.wait(self.comm.Igatherv(_bytes(array), [received, counts, displacements,
                                                      self._mpi.BYTE], root=ROOT), busy=True)
-        parts = [received[d:d + c].view(array.dtype).reshape(s)
-                 for d, c, s in zip(displacements, counts, shapes)]
-        return np.concatenate(parts, axis=axis)
-
-    def reduce_sum(self, array: np.ndarray) -> np.ndarray | None:
-        """Elementwise sum of every rank's `array` on the root."""
-        array = np.ascontiguousarray(array)
-        result = np.empty_like(array) if self.is_root else None
-        self.wait(self.comm.Ireduce(array, result, op=self._mpi.SUM, root=ROOT), busy=True)
-        return result
+        return [received[d:d + c].view(array.dtype).reshape(s)
+                for d, c, s in zip(displacements, counts, shapes)]
 
 
 class PacketReceiver:
