@@ -176,7 +176,7 @@ class _Run:
             starts = list(range(0, rows, self.spec.input.batch_size)) or [0]
             pending = startup.schedule(identities, rows, starts)
             startup.start_collector(rows, identities, len(starts))
-            self.watchdog = Watchdog(self.spec.run.batch_timeout)
+            self.watchdog = Watchdog(self.spec.run.batch_timeout, lambda: self.world.comm.Abort(1))
             self._loop(program, fields, pending, rows)
             if startup.collector is not None:
                 startup.collector.drain()
