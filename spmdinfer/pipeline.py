@@ -30,6 +30,7 @@ from .comm import DONE, GO, Channel
 from .data import InputField, InputReader
 from .errors import JobFailed, PeerFailed
 from .failure import reported
+from .log import log
 from .overlap import Prefetcher
 from .program import Program
 from .shared import SLOTS, SharedBatches, usable
@@ -336,6 +337,9 @@ def assemble(world: Channel, info: RankInfo, spec: JobSpec, program: Program,
         before = layout.stage - 1 if spec.model.handoff == "host" else 0
         feed = _FromStage(world, layout.leader(layout.replica, before))
     source = _ByMessage(group, feed) if shared is None else _BySharedMemory(group, feed, shared)
+    if group.is_root and group.size > 1:
+        log.info("replica %d stage %d: %d ranks, batches %s", layout.replica, layout.stage,
+                 group.size, "by message" if shared is None else "in shared memory")
     return Pipeline(group, source, Stage(program, group, shared, info, spec, inside),
                     _sink(world, layout, spec, group, collector))
 

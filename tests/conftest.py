@@ -53,6 +53,25 @@ def mpi_command(n: int) -> list[str]:
     return [*launcher(), "-n", str(n)]
 
 
+# Hosts emulated on this machine (tests/test_multihost.py): MPICH's launcher reaches "host"
+# nI through tests/emulated-host instead of ssh, which starts that host's ranks in a UTS
+# namespace named nI; `-iface lo` keeps hydra's own traffic on loopback. MPICH passes
+# messages between the hosts through UCX, which knows they are one machine (one boot id) and
+# uses its shared-memory transports between them. Of those, cross-memory attach reads the
+# peer's memory in place (process_vm_readv), which no two real hosts can, and aborts the
+# reader when that peer is killed: UCX_TLS=^cma leaves it out. (UCX's TCP transport does not
+# take the loopback interface, so the emulated hosts cannot talk TCP.)
+EMULATED_HOST = REPO / "tests" / "emulated-host"
+
+
+def hosts_command(*counts: int) -> list[str]:
+    """MPICH's launcher for counts[0] ranks on emulated host n1, counts[1] on n2, and so on
+    (ranks numbered host by host); append the program."""
+    hosts = ",".join(f"n{i}:{count}" for i, count in enumerate(counts, 1))
+    return [MPIEXEC, "-launcher", "ssh", "-launcher-exec", str(EMULATED_HOST), "-iface", "lo",
+            "-hosts", hosts, "-genv", "UCX_TLS", "^cma", "-n", str(sum(counts))]
+
+
 def mpi_env(**variables) -> dict:
     """The environment of a test's MPI job."""
     return {**os.environ, "GLOG_v": "3", **LOOPBACK_ENV, **LAUNCH_ENV, **variables}
@@ -65,11 +84,14 @@ OPENMPI_START_FAILURE = "The PMIx server's listener thread failed to start"
 
 
 def run_cli(*args, n: int | None = None, timeout: float = MPI_TIMEOUT, env: dict | None = None,
-            cwd: Path | None = None) -> subprocess.CompletedProcess:
-    """Run `python -m spmdinfer ARGS`, under the MPI launcher with `n` ranks when `n` is given."""
+            cwd: Path | None = None, launch: list[str] | None = None) -> subprocess.CompletedProcess:
+    """Run `python -m spmdinfer ARGS`, under the MPI launcher with `n` ranks when `n` is given
+    (or under the launcher command `launch`, e.g. hosts_command's)."""
     command = [PYTHON, "-m", "spmdinfer", *map(str, args)]
     if n is not None:
         command = [*mpi_command(n), *command]
+    elif launch is not None:
+        command = [*launch, *command]
     full_env = mpi_env(**(env or {}))
     for attempt in range(3):
         result = subprocess.run(command, capture_output=True, text=True, timeout=timeout,
