@@ -1,9 +1,14 @@
-"""A real one-node Slurm for the tests: munged, slurmctld and slurmd from Debian's packages.
+"""A real Slurm for the tests: munged, slurmctld and slurmd from Debian's packages.
 
 Everything lives in one folder: the munge key and socket, slurm.conf, the controller's
-state, the node's spool and both daemons' logs. The node claims 8 CPUs on whatever the
+state, the nodes' spools and the daemons' logs. Each node claims 8 CPUs on whatever the
 machine has (`SlurmdParameters=config_overrides`), so 8-rank jobs fit on 2 cores. The
 daemons run as root (`SlurmUser=root`), as do the jobs. `.ci/run` installs the packages.
+
+One node (this host), or several emulated ones: each node's slurmd runs in a UTS namespace
+of its own whose host name is the node's (as tests/emulated-host does for MPICH), on a port
+of its own at 127.0.0.1, so its job steps and their ranks see that host name; everything
+else (processes, files, /dev/shm, loopback) the nodes share.
 """
 
 from __future__ import annotations
@@ -35,11 +40,11 @@ CredType=cred/munge
 # cred_expire is also how long a requeued job waits before it may start again (default 120 s).
 AuthInfo=socket={root}/munge/munge.sock,cred_expire=5
 StateSaveLocation={root}/state
-SlurmdSpoolDir={root}/spool
+SlurmdSpoolDir={root}/spool/%n
 SlurmctldPidFile={root}/slurmctld.pid
-SlurmdPidFile={root}/slurmd.pid
+SlurmdPidFile={root}/slurmd-%n.pid
 SlurmctldLogFile={root}/log/slurmctld.log
-SlurmdLogFile={root}/log/slurmd.log
+SlurmdLogFile={root}/log/slurmd-%n.log
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
 SelectType=select/cons_tres
@@ -57,9 +62,10 @@ MinJobAge=600
 # with the same id would be attached by the new job's ranks (they then fail in MPI_Init).
 FirstJobId={first_job_id}
 MailProg=/bin/true
-NodeName={node} NodeAddr=127.0.0.1 CPUs={cpus} RealMemory=1000 State=UNKNOWN
-PartitionName={partition} Nodes={node} Default=YES MaxTime=INFINITE State=UP
+{node_lines}
+PartitionName={partition} Nodes={node_list} Default=YES MaxTime=INFINITE State=UP
 """
+NODE_LINE = "NodeName={node} NodeAddr=127.0.0.1{port} CPUs={cpus} RealMemory=1000 State=UNKNOWN"
 
 
 class SlurmError(RuntimeError):
@@ -67,12 +73,16 @@ class SlurmError(RuntimeError):
 
 
 class SlurmCluster:
-    """A private one-node Slurm under `root`; `env` is what its client commands need."""
+    """A private Slurm under `root`, on this host or on the emulated nodes `nodes`; `env` is
+    what its client commands need."""
 
-    def __init__(self, root: Path, first_job_id: int | None = None):
+    def __init__(self, root: Path, first_job_id: int | None = None,
+                 nodes: tuple[str, ...] | None = None):
         self.root = root
         self.first_job_id = first_job_id or random.randrange(1000, 60_000_000)
-        self.node = socket.gethostname().split(".")[0]
+        self.emulated = nodes is not None
+        self.nodes = list(nodes) if nodes else [socket.gethostname().split(".")[0]]
+        self.node = self.nodes[0]
         self.conf = root / "slurm.conf"
         self.env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "SBATCH_"))}
         self.env["SLURM_CONF"] = str(self.conf)
@@ -94,24 +104,33 @@ class SlurmCluster:
         for folder in ("munge", "state", "spool", "log"):
             (self.root / folder).mkdir(mode=0o700, parents=True, exist_ok=True)
         self._start_munge()
-        ctld_port, d_port = _free_ports(2)
-        self.conf.write_text(SLURM_CONF.format(root=self.root, node=self.node, cpus=CPUS,
+        ctld_port, d_port, *node_ports = _free_ports(2 + len(self.nodes))
+        lines = [NODE_LINE.format(node=node, cpus=CPUS, port=f" Port={port}" if self.emulated else "")
+                 for node, port in zip(self.nodes, node_ports)]
+        self.conf.write_text(SLURM_CONF.format(root=self.root, node=socket.gethostname().split(".")[0],
+                                               node_lines="\n".join(lines),
+                                               node_list=",".join(self.nodes),
                                                ctld_port=ctld_port, d_port=d_port,
                                                partition=PARTITION,
                                                first_job_id=self.first_job_id))
         self._daemon(_which("slurmctld"), "-f", str(self.conf))
         self._pids["slurmctld"] = _read_pid(self.root / "slurmctld.pid")
-        self._daemon(_which("slurmd"), "-f", str(self.conf), "-N", self.node)
-        self._pids["slurmd"] = _read_pid(self.root / "slurmd.pid")
+        for node in self.nodes:
+            command = [_which("slurmd"), "-f", str(self.conf), "-N", node]
+            if self.emulated:  # in a UTS namespace named after the node
+                command = ["unshare", "--uts", "sh", "-c", 'hostname "$0" && exec "$@"', node,
+                           *command]
+            self._daemon(*command)
+            self._pids[f"slurmd {node}"] = _read_pid(self.root / f"slurmd-{node}.pid")
         deadline = time.monotonic() + timeout
-        state = ""
+        state, wanted = "", "\n".join(f"{node} idle" for node in sorted(self.nodes))
         while time.monotonic() < deadline:
             probe = self.command("sinfo", "-h", "-N", "-o", "%N %T", check=False)
-            state = probe.stdout.strip()
-            if probe.returncode == 0 and state == f"{self.node} idle":
+            state = "\n".join(sorted(probe.stdout.split("\n"))).strip()
+            if probe.returncode == 0 and state == wanted:
                 return
             time.sleep(0.5)
-        raise SlurmError(f"node not idle after {timeout} s (sinfo: {state!r})\n{self.logs()}")
+        raise SlurmError(f"nodes not idle after {timeout} s (sinfo: {state!r})\n{self.logs()}")
 
     def stop(self) -> None:
         """Cancel every job, shut both Slurm daemons down, stop munged."""
@@ -123,7 +142,7 @@ class SlurmCluster:
                     "squeue", "-h", "-o", "%i", check=False).stdout.strip():
                 time.sleep(0.5)
             self.command("scontrol", "shutdown", check=False)
-        for name in ("slurmctld", "slurmd"):
+        for name in ("slurmctld", *(f"slurmd {node}" for node in self.nodes)):
             _wait_gone(self._pids.get(name), timeout=30)
         for pid in self._step_daemons():
             _wait_gone(pid, timeout=0)

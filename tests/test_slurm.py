@@ -1,9 +1,10 @@
-"""The slurm/ scripts under a real Slurm: sbatch them on a one-node cluster, compare with numpy.
+"""The slurm/ scripts under a real Slurm: sbatch them, compare with numpy.
 
 The cluster (tests/slurm_cluster.py) is Debian's slurmctld, slurmd and munged, started here
-as root on this machine's one node with 8 CPUs declared. The multi-node script runs with
---nodes=1: its launch paths (srun --mpi=pmi2, and mpiexec over srun) are real, but no
-rank here ever talks to another node.
+as root, with 8 CPUs declared per node: on this machine's one node, and (for the multi-node
+script with --nodes=2) on two nodes emulated here, n1 and n2, each slurmd in a UTS
+namespace of its own, so that the ranks Slurm starts on n2 see host n2 and talk to n1's
+over MPI's inter-node path (on loopback).
 """
 
 from __future__ import annotations
@@ -42,6 +43,27 @@ def slurm(tmp_path_factory):
         yield cluster
     finally:
         cluster.stop()
+
+
+@pytest.fixture(scope="session")
+def slurm2(tmp_path_factory):
+    """A Slurm of two emulated nodes, n1 and n2."""
+    cluster = SlurmCluster(tmp_path_factory.mktemp("slurm2"), nodes=("n1", "n2"))
+    try:
+        try:
+            cluster.start()
+        except SlurmError as exc:
+            pytest.fail(f"could not start the two-node test Slurm: {exc}", pytrace=False)
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+# Between emulated nodes, MPICH's UCX would read a peer's memory in place (cross-memory
+# attach), which real nodes cannot (tests/conftest.py, EMULATED_HOST); a MindSpore cluster
+# over two nodes needs its scheduler's address (docs/multi-node.md); and hydra's proxies
+# reach mpiexec at the address of its interface lo, as the emulated names resolve to none.
+TWO_NODES_ENV = {"UCX_TLS": "^cma", "SPMDINFER_CLUSTER_HOST": "127.0.0.1", "HYDRA_IFACE": "lo"}
 
 
 def job_env(**variables) -> dict:
@@ -127,6 +149,30 @@ def test_multi_node_script_on_one_node(slurm, tmp_path, launcher, demo):
     assert local_ranks(log) == [(r, 8) for r in range(8)], log
     clustered = 8 if demo == "matmul_allgather" else 0
     assert log.count("joined MindSpore cluster 0 as worker") == clustered, log
+
+
+def hosts(log: str) -> list[str]:
+    """The host of every rank, in rank order, from SPMDINFER_LOG_LEVEL=INFO placement lines."""
+    return [host for _, host in sorted((int(r), h) for r, h in
+                                       re.findall(r"INFO rank (\d+)/\d+ on (\S+) \(local", log))]
+
+
+@pytest.mark.parametrize("launcher, demo", [("srun", "matmul"), ("mpiexec", "matmul"),
+                                            ("srun", "matmul_allgather")])
+def test_multi_node_script_on_two_nodes(slurm2, tmp_path, launcher, demo):
+    """--nodes=2 for real: 4 ranks on each emulated node, each node's ranks numbered from 0
+    (SLURM_LOCALID under srun, MPI's own under mpiexec); the MindSpore cluster spans both."""
+    root, x = demo_tree(tmp_path, rows=257, seed=16, demo=demo)
+    job = root / "jobs" / demo / "job.toml"
+    job_id = slurm2.sbatch(SCRIPTS / "multi-node.sbatch", "--nodes=2", "--ntasks-per-node=4",
+                           cwd=root, env=job_env(JOB=str(job), VENV_BIN=str(VENV_BIN),
+                                                 LAUNCHER=launcher, **TWO_NODES_ENV))
+    log = finished(slurm2, job_id, root / f"spmdinfer-{job_id}.out")
+    assert_demo_output(root / "jobs" / demo / "out" / "result.h5", x)
+    assert "2 node(s)" in log and "spmdinfer: 257 rows, 3 batches," in log, log
+    assert hosts(log) == ["n1"] * 4 + ["n2"] * 4, log
+    assert local_ranks(log) == sorted([(r, 4) for r in range(4)] * 2), log
+    assert log.count("joined MindSpore cluster 0 as worker") == (8 if "allgather" in demo else 0)
 
 
 def mpich_shm(key: str) -> str:
@@ -248,31 +294,38 @@ def held_mid_run(slurm: SlurmCluster, job_id: str, job: Path, output: Path, stop
         yield
 
 
-@pytest.mark.parametrize("script,launcher,action", [
-    ("single-node.sbatch", "mpiexec", "USR1"),
-    ("multi-node.sbatch", "srun", "USR1"),
+@pytest.mark.parametrize("script,launcher,action,nodes", [
+    ("single-node.sbatch", "mpiexec", "USR1", 1),
+    ("multi-node.sbatch", "srun", "USR1", 1),
     # Slurm's own requeue, as preemption with PreemptMode=REQUEUE does it: TERM to every
     # process of the job, the ranks included, and Slurm requeues the job itself.
-    ("multi-node.sbatch", "srun", "requeue"),
+    ("multi-node.sbatch", "srun", "requeue", 1),
     # The same two under Open MPI's mpiexec.
-    ("multi-node.sbatch", "openmpi", "USR1"),
-    ("multi-node.sbatch", "openmpi", "requeue"),
+    ("multi-node.sbatch", "openmpi", "USR1", 1),
+    ("multi-node.sbatch", "openmpi", "requeue", 1),
+    # And across two nodes, a rank on each.
+    ("multi-node.sbatch", "srun", "USR1", 2),
+    ("multi-node.sbatch", "srun", "requeue", 2),
 ], ids=["single-node-mpiexec-USR1", "multi-node-srun-USR1", "multi-node-srun-scontrol-requeue",
-        "multi-node-openmpi-USR1", "multi-node-openmpi-scontrol-requeue"])
-def test_preempted_job_is_requeued_and_resumes(slurm, tmp_path, long_run, script, launcher,
-                                               action):
+        "multi-node-openmpi-USR1", "multi-node-openmpi-scontrol-requeue",
+        "two-nodes-srun-USR1", "two-nodes-srun-scontrol-requeue"])
+def test_preempted_job_is_requeued_and_resumes(request, tmp_path, long_run, script, launcher,
+                                               action, nodes):
     """Stopped mid-run (USR1 to the batch shell is what --signal=B:USR1@N sends before the
     time limit): the ranks stop at a batch boundary and exit 75, the job is requeued, the
     requeued job runs `spmdinfer run JOB --resume`, and the output equals the uninterrupted
     run's."""
+    slurm = request.getfixturevalue("slurm" if nodes == 1 else "slurm2")
     template, x, weight, reference = long_run
     job = long_job(tmp_path / "slurm", template, x)
     output = job.parent / "out" / "result.h5"
     name, bin_folder, _ = LAUNCHERS[launcher]
-    job_id = slurm.sbatch(SCRIPTS / script, "--nodes=1", "--ntasks-per-node=2", cwd=job.parent,
+    job_id = slurm.sbatch(SCRIPTS / script, f"--nodes={nodes}", f"--ntasks-per-node={2 // nodes}",
+                          cwd=job.parent,
                           env=job_env(JOB=str(job), VENV_BIN=str(bin_folder), LAUNCHER=name,
                                       OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1",
-                                      PRTE_MCA_hwloc_default_binding_policy="none"))
+                                      PRTE_MCA_hwloc_default_binding_policy="none",
+                                      **(TWO_NODES_ENV if nodes == 2 else {})))
     stop = signal.SIGTERM if action == "requeue" else signal.SIGUSR1
     # Open MPI's mpirun may never forward a signal to stopped ranks (tests/conftest.py,
     # forward): its ranks are not held; 12000 batches outlast the signal's way to them.
@@ -289,6 +342,8 @@ def test_preempted_job_is_requeued_and_resumes(slurm, tmp_path, long_run, script
     log = finished(slurm, job_id, job.parent / f"spmdinfer-{job_id}.out", timeout=300)
     (record,) = slurm.jobs(job_id)
     assert record["Restarts"] == "1", (record, log)
+    if nodes == 2:
+        assert hosts(log) == ["n1", "n1", "n2", "n2"], log  # both runs: rank 0 on n1, rank 1 on n2
     if not (launcher == "openmpi" and action == "requeue"):
         # (Under Open MPI, Slurm's TERM ends mpirun too, and the ranks' output with it.)
         assert "stopping after the batches in flight" in log, log
