@@ -75,19 +75,25 @@ def run_spmdinfer(job: Path, n: int) -> float:
     return float(RATE.findall(result.stdout)[-1])
 
 
-def run_spmdinfer_metrics(job: Path, n: int) -> dict:
-    """One run under mpiexec with --metrics; the metrics JSON (rows_per_second, per-rank
-    seconds per activity and peak_rss_bytes)."""
+def launcher(n: int, launch: list[str] | None = None) -> list[str]:
+    """`mpiexec -n N`, or the launcher command `launch` (which sets its own rank count)."""
+    return launch or [MPIEXEC, "-n", str(n)]
+
+
+def run_spmdinfer_metrics(job: Path, n: int, launch: list[str] | None = None) -> dict:
+    """One run under mpiexec (or `launch`) with --metrics; the metrics JSON (rows_per_second,
+    per-rank seconds per activity and peak_rss_bytes)."""
     metrics = job.with_name(f"{job.stem}.metrics.json")
-    command = [MPIEXEC, "-n", str(n), sys.executable, "-m", "spmdinfer", "run", str(job),
+    command = [*launcher(n, launch), sys.executable, "-m", "spmdinfer", "run", str(job),
                "--overwrite", "--no-progress", "--metrics", str(metrics)]
     _run(command)
     return json.loads(metrics.read_text())
 
 
-def run_mpi_json(script: Path, args: list[str], n: int) -> dict:
-    """One run of a Python script under mpiexec; the JSON object it prints last (rank 0)."""
-    command = [MPIEXEC, "-n", str(n), sys.executable, str(script), *map(str, args)]
+def run_mpi_json(script: Path, args: list[str], n: int, launch: list[str] | None = None) -> dict:
+    """One run of a Python script under mpiexec (or `launch`); the JSON object it prints last
+    (rank 0)."""
+    command = [*launcher(n, launch), sys.executable, str(script), *map(str, args)]
     lines = [line for line in _run(command).splitlines() if line.startswith("{")]
     if not lines:
         raise SystemExit(f"{' '.join(command)} printed no JSON result")

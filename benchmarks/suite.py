@@ -157,15 +157,15 @@ def warm(path: Path) -> None:
 
 # One run of each loop, reduced to what the report needs.
 
-def spmdinfer_sample(data: Path, job: Path, n: int, idle: float) -> dict:
+def spmdinfer_sample(data: Path, job: Path, n: int, idle: float, launch=None) -> dict:
     remove_output(job, "")
-    return measured(data, idle, lambda: run_spmdinfer_metrics(job, n),
+    return measured(data, idle, lambda: run_spmdinfer_metrics(job, n, launch),
                     lambda m: m["wall_seconds"] - m["load_seconds"])
 
 
-def plain_sample(data: Path, job: Path, n: int, idle: float) -> dict:
+def plain_sample(data: Path, job: Path, n: int, idle: float, launch=None) -> dict:
     remove_output(job, ".plain.h5")
-    return measured(data, idle, lambda: run_mpi_json(HERE / "plain_loop.py", [job], n),
+    return measured(data, idle, lambda: run_mpi_json(HERE / "plain_loop.py", [job], n, launch),
                     lambda m: m["loop_seconds"])
 
 
