@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
 import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -24,6 +26,19 @@ DISTURBED = 0.10    # a share of the CPU taken by others above this disturbs tim
 
 def workdir(name: str) -> Path:
     return Path(tempfile.mkdtemp(prefix=f"spmdinfer-bench-{name}-"))
+
+
+@contextlib.contextmanager
+def scratch(name: str, keep: bool = False):
+    """A temporary folder for a benchmark's slices and data, removed afterwards unless `keep`."""
+    folder = workdir(name)
+    try:
+        yield folder
+    finally:
+        if keep:
+            print(f"kept {folder}")
+        else:
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 def export(cell, row_shape, path: Path) -> Path:

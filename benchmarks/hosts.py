@@ -22,7 +22,6 @@ the figures say what the runner adds to MPI's own costs, not what a real network
 from __future__ import annotations
 
 import argparse
-import shutil
 import statistics
 import sys
 import time
@@ -32,7 +31,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 from common import (CpuWatch, alternate_samples, code_state, machine, run_mpi_json,  # noqa: E402
-                    wait_for_idle, workdir)
+                    scratch, wait_for_idle)
 from suite import (MiB, build, cell, others, plain_sample, rate, size_name,  # noqa: E402
                    spmdinfer_sample)
 
@@ -60,11 +59,8 @@ def main() -> None:
     args = parser.parse_args()
     repeats = args.repeats or (1 if args.quick else 5)
     began = time.monotonic()
-    folder = workdir("hosts")
-    try:
+    with scratch("hosts") as folder:
         report(folder, repeats, args.quick, args.wait_idle, began)
-    finally:
-        shutil.rmtree(folder, ignore_errors=True)
 
 
 def report(folder: Path, repeats: int, quick: bool, idle: float, began: float) -> None:

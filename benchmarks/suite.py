@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import statistics
 import sys
 import time
@@ -43,8 +42,8 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 from common import (DISTURBED, CpuWatch, alternate_samples, code_state,  # noqa: E402
-                    export_onnx, machine, run_mpi_json, run_spmdinfer_metrics, wait_for_idle,
-                    workdir, write_input, write_job)
+                    export_onnx, machine, run_mpi_json, run_spmdinfer_metrics, scratch,
+                    wait_for_idle, write_input, write_job)
 
 MiB = 2 ** 20
 GiB = 2 ** 30
@@ -295,14 +294,8 @@ def main() -> None:
         return bcast_worker(args.sizes, repeats)
 
     began = time.monotonic()
-    folder = workdir("suite")
-    try:
+    with scratch("suite", args.keep) as folder:
         report(folder, repeats, args.quick, args.wait_idle, began)
-    finally:
-        if args.keep:
-            print(f"kept {folder}")
-        else:
-            shutil.rmtree(folder, ignore_errors=True)
 
 
 def report(folder: Path, repeats: int, quick: bool, idle: float, began: float) -> None:

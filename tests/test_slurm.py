@@ -32,9 +32,8 @@ VENV_BIN = Path(sys.executable).parent
 DEMO_WEIGHT = np.full((96, 16), 0.5, np.float32)   # jobs/matmul/export.py
 
 
-@pytest.fixture(scope="session")
-def slurm(tmp_path_factory):
-    cluster = SlurmCluster(tmp_path_factory.mktemp("slurm"))
+def running(cluster: SlurmCluster):
+    """`cluster` started for the tests that use it, stopped after them."""
     try:
         try:
             cluster.start()
@@ -46,17 +45,15 @@ def slurm(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def slurm(tmp_path_factory):
+    """A Slurm of one node: this host."""
+    yield from running(SlurmCluster(tmp_path_factory.mktemp("slurm")))
+
+
+@pytest.fixture(scope="session")
 def slurm2(tmp_path_factory):
     """A Slurm of two emulated nodes, n1 and n2."""
-    cluster = SlurmCluster(tmp_path_factory.mktemp("slurm2"), nodes=("n1", "n2"))
-    try:
-        try:
-            cluster.start()
-        except SlurmError as exc:
-            pytest.fail(f"could not start the two-node test Slurm: {exc}", pytrace=False)
-        yield cluster
-    finally:
-        cluster.stop()
+    yield from running(SlurmCluster(tmp_path_factory.mktemp("slurm2"), nodes=("n1", "n2")))
 
 
 # Between emulated nodes, MPICH's UCX would read a peer's memory in place (cross-memory
