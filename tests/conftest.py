@@ -179,7 +179,7 @@ def forward(run: subprocess.Popen, pids, signum: signal.Signals, timeout: float 
         run.send_signal(signum)
         return
     run.send_signal(signum)
-    _wait_pending(pids, signum, timeout)
+    wait_pending(pids, signum, timeout)
     resume(pids)
 
 
@@ -196,12 +196,12 @@ def held(pids, until_pending: signal.Signals | None = None, timeout: float = 30)
     try:
         yield
         if until_pending:
-            _wait_pending(pids, until_pending, timeout)
+            wait_pending(pids, until_pending, timeout)
     finally:
         resume(pids)
 
 
-def _wait_pending(pids, signum: signal.Signals, timeout: float) -> None:
+def wait_pending(pids, signum: signal.Signals, timeout: float = 30) -> None:
     """Wait until `signum` is pending on every process of `pids` still stopped."""
     waiting, deadline = set(pids), time.monotonic() + timeout
     while waiting:

@@ -24,7 +24,7 @@ import pytest
 
 from spmdinfer.journal import committed_batches
 from tests.conftest import (LOOPBACK_ENV, OPENMPI_BIN, REPO, dynamic, export_mindir, held, rank_pids,
-                            read_h5, run_cli, write_h5, write_job)
+                            read_h5, resume, run_cli, stop, wait_pending, write_h5, write_job)
 from tests.slurm_cluster import SlurmCluster, SlurmError
 
 SCRIPTS = REPO / "slurm"
@@ -226,10 +226,12 @@ def test_array_script_one_task_per_input(slurm, tmp_path):
     assert not list((root / "jobs" / "matmul").glob(".array.*.toml"))
 
 
-# 12000 small batches, about 10 s of scoring: long enough that a stop sent through Slurm
-# lands mid-run however busy the machine. The ranks are held (SIGSTOP) while it is sent, but
-# Slurm's own requeue sends SIGCONT before SIGTERM, so in that case only the length of the
-# job keeps the stop mid-run (2000 batches were done before SIGTERM came, under load).
+# 12000 small batches, about 10 s of scoring. The ranks (and Open MPI's launcher) are held
+# (SIGSTOP) while a stop is sent through Slurm, so it lands mid-run however busy the machine;
+# but Slurm's own requeue sends SIGCONT before SIGTERM, so in that case the length of the job
+# keeps the stop mid-run (2000 batches were done before SIGTERM came, under load). Unheld,
+# Open MPI's requeue case once scored all 12000 before Slurm's SIGTERM came, 7 s after the
+# 8th batch (two CPU hogs beside the suite).
 ROWS, BATCH = 48000, 4
 
 
@@ -280,15 +282,42 @@ def wait_until_scoring(slurm: SlurmCluster, job_id: str, output: Path) -> None:
 
 
 @contextlib.contextmanager
-def held_mid_run(slurm: SlurmCluster, job_id: str, job: Path, output: Path, stop: signal.Signals):
+def held_mid_run(slurm: SlurmCluster, job_id: str, job: Path, output: Path, signum: signal.Signals,
+                 openmpi: bool = False):
     """Once a few batches are committed, the job's ranks held (SIGSTOP) while the body sends
-    `stop` its way through Slurm, and continued once it is pending on them: without this a
-    fast machine finishes the job before Slurm's signal reaches the ranks."""
+    `signum` its way through Slurm, and continued once it is pending on them: without this a
+    fast machine finishes the job before Slurm's signal reaches the ranks.
+
+    Open MPI's mpiexec may never forward a signal that reaches it while its ranks are
+    stopped (tests/conftest.py, forward): there the launcher is held too, the signal made
+    pending on it, and the ranks continued before it."""
     wait_until_scoring(slurm, job_id, output)
     pids = rank_pids(job)
     assert sorted(pids) == [0, 1], (pids, slurm.jobs(job_id))
-    with held(pids.values(), until_pending=stop):
+    if not openmpi:
+        with held(pids.values(), until_pending=signum):
+            yield
+        return
+    launcher = launcher_pid(job)
+    stop([*pids.values(), launcher])
+    try:
         yield
+        wait_pending([launcher], signum)  # (Slurm's requeue sends SIGCONT first: no wait then)
+    finally:
+        resume(pids.values())
+        resume([launcher])
+
+
+def launcher_pid(job: Path) -> int:
+    """The pid of the Open MPI launcher (prterun, started as mpiexec) running `job`."""
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and (proc / "comm").read_text().strip() in (
+                    "prterun", "mpiexec", "mpirun") and str(job) in (proc / "cmdline").read_text():
+                return int(proc.name)
+        except OSError:
+            continue
+    raise AssertionError(f"no Open MPI launcher runs {job}")
 
 
 @pytest.mark.parametrize("script,launcher,action,nodes", [
@@ -323,14 +352,8 @@ def test_preempted_job_is_requeued_and_resumes(request, tmp_path, long_run, scri
                                       OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1",
                                       PRTE_MCA_hwloc_default_binding_policy="none",
                                       **(TWO_NODES_ENV if nodes == 2 else {})))
-    stop = signal.SIGTERM if action == "requeue" else signal.SIGUSR1
-    # Open MPI's mpirun may never forward a signal to stopped ranks (tests/conftest.py,
-    # forward): its ranks are not held; 12000 batches outlast the signal's way to them.
-    holding = contextlib.nullcontext() if launcher == "openmpi" else \
-        held_mid_run(slurm, job_id, job, output, stop)
-    if launcher == "openmpi":
-        wait_until_scoring(slurm, job_id, output)
-    with holding:
+    signum = signal.SIGTERM if action == "requeue" else signal.SIGUSR1
+    with held_mid_run(slurm, job_id, job, output, signum, openmpi=launcher == "openmpi"):
         if action == "requeue":
             slurm.command("scontrol", "requeue", job_id)
         else:
