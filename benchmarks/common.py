@@ -12,6 +12,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import h5py
@@ -26,6 +27,29 @@ DISTURBED = 0.10    # a share of the CPU taken by others above this disturbs tim
 
 def workdir(name: str) -> Path:
     return Path(tempfile.mkdtemp(prefix=f"spmdinfer-bench-{name}-"))
+
+
+def add_run_options(parser, quick: str) -> None:
+    """The options every paired benchmark takes: --repeats, --quick (`quick`: what it does),
+    --wait-idle."""
+    parser.add_argument("--repeats", type=int, default=None,
+                        help="alternating runs per case (default 5; 1 with --quick)")
+    parser.add_argument("--quick", action="store_true", help=quick)
+    parser.add_argument("--wait-idle", type=float, default=10.0, metavar="SECONDS",
+                        help="before each run, wait up to this long for other processes to leave "
+                             "the CPU idle (default 10; 0 = do not wait)")
+
+
+def repeats_of(args) -> int:
+    return args.repeats or (1 if args.quick else 5)
+
+
+def progress_printer(began: float):
+    """progress(text): `text` on stderr after the seconds since `began`."""
+    def progress(text: str) -> None:
+        print(f"[{time.monotonic() - began:6.1f} s] {text}", file=sys.stderr, flush=True)
+
+    return progress
 
 
 @contextlib.contextmanager

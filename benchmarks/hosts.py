@@ -5,7 +5,7 @@
 Needs root and MPICH's mpiexec (the `mpich` extra). One rank on each of two hosts, n1 and n2,
 emulated on this machine as the tests do (tests/emulated-host: each host a UTS namespace of
 its own, so MPI sees two nodes; every byte on loopback; UCX between the hosts without
-cross-memory attach, UCX_TLS=^cma, see tests/conftest.py), alternating:
+cross-memory attach, UCX_TLS=^cma, see tests/emulated_hosts.py), alternating:
 
 - the suite's I/O-bound and compute-bound jobs (benchmarks/suite.py: ONNX Runtime, 1 thread
   per rank): spmdinfer's rows/s over the plain mpi4py loop's (benchmarks/plain_loop.py), both
@@ -22,55 +22,42 @@ the figures say what the runner adds to MPI's own costs, not what a real network
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
+sys.path[:0] = [str(HERE), str(HERE.parent)]
 
-from common import (CpuWatch, alternate_samples, code_state, machine, run_mpi_json,  # noqa: E402
-                    scratch, wait_for_idle)
+from common import (MPIEXEC, CpuWatch, add_run_options, alternate_samples,  # noqa: E402
+                    code_state, machine, progress_printer, repeats_of, run_mpi_json, scratch,
+                    wait_for_idle)
 from suite import (MiB, build, cell, others, plain_sample, rate, size_name,  # noqa: E402
-                   spmdinfer_sample)
+                   spmdinfer_sample, spread)
+from tests.emulated_hosts import hosts_command  # noqa: E402
 
-EMULATED_HOST = HERE.parent / "tests" / "emulated-host"
 TARGET = 1.0
 SIZES = (16 * MiB, 256 * MiB)
 
 
-def two_hosts() -> list[str]:
-    """MPICH's launcher for one rank on each of the emulated hosts n1 and n2."""
-    from common import MPIEXEC
-
-    return [MPIEXEC, "-launcher", "ssh", "-launcher-exec", str(EMULATED_HOST), "-iface", "lo",
-            "-hosts", "n1:1,n2:1", "-genv", "UCX_TLS", "^cma", "-genv", "UCX_NET_DEVICES", "lo",
-            "-n", "2"]
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=None,
-                        help="alternating runs per case (default 5; 1 with --quick)")
-    parser.add_argument("--quick", action="store_true", help="one repeat, smaller inputs")
-    parser.add_argument("--wait-idle", type=float, default=10.0, metavar="SECONDS",
-                        help="before each run, wait up to this long for an idle CPU (default 10)")
+    add_run_options(parser, quick="one repeat, smaller inputs")
     args = parser.parse_args()
-    repeats = args.repeats or (1 if args.quick else 5)
+    os.environ.setdefault("UCX_NET_DEVICES", "lo")  # MPICH's UCX on loopback, as in the tests
     began = time.monotonic()
     with scratch("hosts") as folder:
-        report(folder, repeats, args.quick, args.wait_idle, began)
+        report(folder, repeats_of(args), args.quick, args.wait_idle, began)
 
 
 def report(folder: Path, repeats: int, quick: bool, idle: float, began: float) -> None:
-    def progress(text: str) -> None:
-        print(f"[{time.monotonic() - began:6.1f} s] {text}", file=sys.stderr, flush=True)
-
+    progress = progress_printer(began)
     watch = CpuWatch()
     progress(f"building slices and inputs in {folder}")
     jobs = build(folder, quick)
-    hosts = two_hosts()
+    hosts = hosts_command(MPIEXEC, 1, 1)
     samples = {}
     for case in ("I/O-bound", "compute-bound"):
         data, job, n = (jobs[case][k] for k in ("data", "job", "ranks"))
@@ -108,8 +95,8 @@ def report(folder: Path, repeats: int, quick: bool, idle: float, began: float) -
         bandwidth = {k: [size / t / 2 ** 30 for t in v] for k, v in bcast[str(size)].items()}
         packet, raw = (statistics.median(bandwidth[k]) for k in ("packet", "raw"))
         print(f"{'broadcast ' + size_name(size) + ', two hosts':<28} "
-              f"{cell(f'{packet:.2f} GiB/s', spread(bandwidth['packet'], 2)):>34}  "
-              f"{cell(f'{raw:.2f} GiB/s', spread(bandwidth['raw'], 2)):>34}  "
+              f"{cell(f'{packet:.2f} GiB/s', spread(bandwidth['packet'], '', 2)):>34}  "
+              f"{cell(f'{raw:.2f} GiB/s', spread(bandwidth['raw'], '', 2)):>34}  "
               f"{packet / raw:>5.2f}x  (raw comm.Bcast)")
     print("\nsetup:")
     for case in ("I/O-bound", "compute-bound"):
@@ -119,10 +106,6 @@ def report(folder: Path, repeats: int, quick: bool, idle: float, began: float) -
     print(f"code: {code_state()}")
     print(f"quiet: {watch.report()}")
     print(f"wall time: {time.monotonic() - began:.0f} s")
-
-
-def spread(samples: list[float], digits: int = 0) -> str:
-    return "" if len(samples) < 2 else f"{min(samples):,.{digits}f}-{max(samples):,.{digits}f}"
 
 
 if __name__ == "__main__":

@@ -41,9 +41,9 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from common import (DISTURBED, CpuWatch, alternate_samples, code_state,  # noqa: E402
-                    export_onnx, machine, run_mpi_json, run_spmdinfer_metrics, scratch,
-                    wait_for_idle, write_input, write_job)
+from common import (DISTURBED, CpuWatch, add_run_options, alternate_samples,  # noqa: E402
+                    code_state, export_onnx, machine, progress_printer, repeats_of, run_mpi_json,
+                    run_spmdinfer_metrics, scratch, wait_for_idle, write_input, write_job)
 
 MiB = 2 ** 20
 GiB = 2 ** 30
@@ -278,18 +278,13 @@ def spread(samples: list[float], unit: str = "", digits: int = 0) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=None,
-                        help="alternating runs per case (default 5; 1 with --quick)")
-    parser.add_argument("--quick", action="store_true",
-                        help="a fast smoke run: one repeat, smaller inputs, no 2.5 GiB broadcast")
+    add_run_options(parser, quick="a fast smoke run: one repeat, smaller inputs, no 2.5 GiB "
+                                  "broadcast")
     parser.add_argument("--keep", action="store_true", help="keep the temporary folder")
-    parser.add_argument("--wait-idle", type=float, default=10.0, metavar="SECONDS",
-                        help="before each run, wait up to this long for other processes to leave "
-                             "the CPU idle (default 10; 0 = do not wait)")
     parser.add_argument("--bcast-worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--sizes", type=int, nargs="*", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    repeats = args.repeats or (1 if args.quick else 5)
+    repeats = repeats_of(args)
     if args.bcast_worker:
         return bcast_worker(args.sizes, repeats)
 
@@ -299,9 +294,7 @@ def main() -> None:
 
 
 def report(folder: Path, repeats: int, quick: bool, idle: float, began: float) -> None:
-    def progress(text: str) -> None:
-        print(f"[{time.monotonic() - began:6.1f} s] {text}", file=sys.stderr, flush=True)
-
+    progress = progress_printer(began)
     watch = CpuWatch()
     progress(f"building slices and inputs in {folder}")
     jobs = build(folder, quick)

@@ -94,7 +94,7 @@ class Combiner:
                 results.append(output)
                 continue
             shapes = [(rows,) + tuple(layout[k][1][1:]) for layout in self.layouts]
-            parts = self.group.gather(np.asarray(output), shapes)
+            parts = self.group.gather(output, shapes)
             results.append(None if parts is None else joined(mode, parts))
         return results
 

@@ -17,6 +17,8 @@ import numpy as np
 import pytest
 import tomli_w
 
+from tests import emulated_hosts
+
 REPO = Path(__file__).resolve().parents[1]
 MPI_TIMEOUT = 300
 # Open MPI's launcher and a Python beside it (.ci/run makes this environment).
@@ -53,23 +55,10 @@ def mpi_command(n: int) -> list[str]:
     return [*launcher(), "-n", str(n)]
 
 
-# Hosts emulated on this machine (tests/test_multihost.py): MPICH's launcher reaches "host"
-# nI through tests/emulated-host instead of ssh, which starts that host's ranks in a UTS
-# namespace named nI; `-iface lo` keeps hydra's own traffic on loopback. MPICH passes
-# messages between the hosts through UCX, which knows they are one machine (one boot id) and
-# uses its shared-memory transports between them. Of those, cross-memory attach reads the
-# peer's memory in place (process_vm_readv), which no two real hosts can, and aborts the
-# reader when that peer is killed: UCX_TLS=^cma leaves it out. (UCX's TCP transport does not
-# take the loopback interface, so the emulated hosts cannot talk TCP.)
-EMULATED_HOST = REPO / "tests" / "emulated-host"
-
-
 def hosts_command(*counts: int) -> list[str]:
-    """MPICH's launcher for counts[0] ranks on emulated host n1, counts[1] on n2, and so on
-    (ranks numbered host by host); append the program."""
-    hosts = ",".join(f"n{i}:{count}" for i, count in enumerate(counts, 1))
-    return [MPIEXEC, "-launcher", "ssh", "-launcher-exec", str(EMULATED_HOST), "-iface", "lo",
-            "-hosts", hosts, "-genv", "UCX_TLS", "^cma", "-n", str(sum(counts))]
+    """The launcher for counts[0] ranks on emulated host n1, counts[1] on n2, and so on
+    (tests/emulated_hosts.py); append the program."""
+    return emulated_hosts.hosts_command(MPIEXEC, *counts)
 
 
 def mpi_env(**variables) -> dict:

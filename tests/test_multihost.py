@@ -19,13 +19,14 @@ import numpy as np
 import pytest
 
 from tests import cells
-from tests.conftest import (PYTHON, REPO, UNDER_OPENMPI, assert_clean_error, held, hosts_command,
-                            matmul_job, mpi_env, off_loopback_sockets, rank_pids, read_h5,
+from tests.conftest import (UNDER_OPENMPI, assert_clean_error, dynamic, export_mindir, held,
+                            hosts_command, matmul_job, off_loopback_sockets, rank_pids, read_h5,
                             resume, run_cli, write_h5, write_job)
 from tests.export_collectives import seed_weight
 from tests.test_collectives import collective_slices, job as collective_job  # noqa: F401 (fixture)
 from tests.test_layouts import dense_slices, job as layout_job, rows_input  # noqa: F401 (fixture)
-from tests.test_reliability import EXIT_STOPPED, stopped_at, wait_for
+from tests.test_reliability import (EXIT_STOPPED, copy_job, reference, resume_and_compare,  # noqa: F401
+                                    start_run, stopped_at, wait_for)
 
 pytestmark = [
     pytest.mark.mpi,
@@ -125,7 +126,7 @@ def test_layouts_over_hosts_equal_numpy_and_the_one_host_run(tmp_path, layout, m
     assert paths_taken(stderr) == paths, stderr
     names = [f"n{i}" for i, count in enumerate(counts, 1) for _ in range(count)]
     assert hosts_of_ranks(stderr) == dict(enumerate(names)), stderr
-    np.testing.assert_allclose(hosts["/y" if "/y" in hosts else "y"], expected, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(hosts["y"], expected, rtol=1e-4, atol=1e-4)
     assert one.keys() == hosts.keys()
     for name in one:
         assert np.array_equal(one[name], hosts[name]), name  # bit for bit
@@ -153,43 +154,17 @@ def test_a_cluster_over_hosts_without_an_address_is_refused(tmp_path, collective
     assert not (tmp_path / "out").exists()
 
 
-# Faults on one host.
+# Faults on one host: test_reliability's job (its reference run on one host), over hosts.
 
-ROWS, BATCH = 3000, 10
 COUNTS = (1, 2, 1)  # replica 0: ranks 0 (n1) and 1 (n2); replica 1: ranks 2 (n2) and 3 (n3)
 
 
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory, matmul_slices):
-    """The job every fault test interrupts, run on one host without faults."""
-    template, _ = matmul_slices
-    folder = tmp_path_factory.mktemp("reference")
-    x = np.random.default_rng(21).standard_normal((ROWS, 96)).astype(np.float32)
-    write_h5(folder / "in.h5", {"x": x})
-    doc = matmul_job(folder, template, ranks=2, batch_size=BATCH)
-    ok(run_cli("run", write_job(folder, doc), n=4))
-    with h5py.File(folder / "out" / "result.h5") as f:
-        return folder, doc, f["y"][()]
-
-
-def copy_job(reference, folder: Path, **run) -> Path:
-    source, doc, _ = reference
-    shutil.copy(source / "in.h5", folder / "in.h5")
-    return write_job(folder, {**doc, "run": run} if run else doc)
-
-
 def start_over_hosts(job: Path) -> subprocess.Popen:
-    command = [*hosts_command(*COUNTS), PYTHON, "-m", "spmdinfer", "run", str(job)]
-    return subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env=mpi_env(), start_new_session=True)
+    return start_run(job, sum(COUNTS), launch=hosts_command(*COUNTS))
 
 
 def resume_over_hosts_and_compare(reference, folder: Path, job: Path) -> None:
-    ok(run_cli("run", job, "--resume", launch=hosts_command(*COUNTS)))
-    with h5py.File(folder / "out" / "result.h5") as f:
-        assert f.attrs["complete"]
-        assert np.array_equal(f["y"][()], reference[2])  # bit for bit
-    assert not (folder / "out" / "result.h5.parts").exists()
+    resume_and_compare(reference, folder, job, launch=hosts_command(*COUNTS))
 
 
 def all_gone(job: Path, run: subprocess.Popen, since: float) -> float:
@@ -234,7 +209,6 @@ def test_kill_9_of_a_rank_on_another_host_then_resume(reference, tmp_path):
 def test_an_error_on_another_host_is_one_line_naming_rank_and_host(tmp_path, matmul_slices):
     template, _ = matmul_slices
     weight = np.ones((96, 2), np.float32)
-    from tests.conftest import dynamic, export_mindir
     export_mindir(cells.MatMulNeg(weight), [dynamic(96)], tmp_path / "p" / "p0.mindir")
     export_mindir(cells.FixedBatchOnly(weight, 4), [dynamic(96)], tmp_path / "p" / "p1.mindir")
     write_h5(tmp_path / "in.h5", {"x": np.ones((10, 96), np.float32)})

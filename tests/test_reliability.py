@@ -28,8 +28,9 @@ EXIT_STOPPED = 75
 ROWS, BATCH = 3000, 10
 
 
-def start_run(job: Path, n: int, *extra) -> subprocess.Popen:
-    command = [*mpi_command(n), PYTHON, "-m", "spmdinfer", "run", str(job), *extra]
+def start_run(job: Path, n: int, *extra, launch: list[str] | None = None) -> subprocess.Popen:
+    """`spmdinfer run JOB` under mpiexec with `n` ranks (or the launcher command `launch`)."""
+    command = [*(launch or mpi_command(n)), PYTHON, "-m", "spmdinfer", "run", str(job), *extra]
     return subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, env=mpi_env(), start_new_session=True)
 
@@ -94,8 +95,8 @@ def copy_job(reference, tmp_path: Path, **run) -> Path:
     return write_job(tmp_path, doc)
 
 
-def resume_and_compare(reference, tmp_path: Path, job: Path) -> None:
-    result = run_cli("run", job, "--resume", n=4)
+def resume_and_compare(reference, tmp_path: Path, job: Path, launch: list[str] | None = None) -> None:
+    result = run_cli("run", job, "--resume", n=None if launch else 4, launch=launch)
     assert result.returncode == 0, result.stderr
     out = datasets(tmp_path / "out" / "result.h5")
     assert out.keys() == reference[2].keys()

@@ -57,7 +57,7 @@ def slurm2(tmp_path_factory):
 
 
 # Between emulated nodes, MPICH's UCX would read a peer's memory in place (cross-memory
-# attach), which real nodes cannot (tests/conftest.py, EMULATED_HOST); a MindSpore cluster
+# attach), which real nodes cannot (tests/emulated_hosts.py); a MindSpore cluster
 # over two nodes needs its scheduler's address (docs/multi-node.md); and hydra's proxies
 # reach mpiexec at the address of its interface lo, as the emulated names resolve to none.
 TWO_NODES_ENV = {"UCX_TLS": "^cma", "SPMDINFER_CLUSTER_HOST": "127.0.0.1", "HYDRA_IFACE": "lo"}
