@@ -6,7 +6,7 @@ machine has (`SlurmdParameters=config_overrides`), so 8-rank jobs fit on 2 cores
 daemons run as root (`SlurmUser=root`), as do the jobs. `.ci/run` installs the packages.
 
 One node (this host), or several emulated ones: each node's slurmd runs in a UTS namespace
-of its own whose host name is the node's (as tests/emulated-host does for MPICH), on a port
+of its own whose host name is the node's (started through tests/emulated-host), on a port
 of its own at 127.0.0.1, so its job steps and their ranks see that host name; everything
 else (processes, files, /dev/shm, loopback) the nodes share.
 """
@@ -22,6 +22,8 @@ import subprocess
 import time
 from pathlib import Path
 
+from tests.emulated_hosts import EMULATED_HOST
+
 COMMANDS = ("munged", "mungekey", "slurmctld", "slurmd", "sbatch", "scontrol", "squeue", "sinfo")
 TERMINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "PREEMPTED",
                    "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"}
@@ -30,7 +32,7 @@ PARTITION = "debug"
 
 SLURM_CONF = """\
 ClusterName=spmdinfer-test
-SlurmctldHost={node}(127.0.0.1)
+SlurmctldHost={controller}(127.0.0.1)
 SlurmctldPort={ctld_port}
 SlurmdPort={d_port}
 SlurmUser=root
@@ -81,8 +83,7 @@ class SlurmCluster:
         self.root = root
         self.first_job_id = first_job_id or random.randrange(1000, 60_000_000)
         self.emulated = nodes is not None
-        self.nodes = list(nodes) if nodes else [socket.gethostname().split(".")[0]]
-        self.node = self.nodes[0]
+        self.nodes = list(nodes) if nodes else [_this_host()]
         self.conf = root / "slurm.conf"
         self.env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "SBATCH_"))}
         self.env["SLURM_CONF"] = str(self.conf)
@@ -107,7 +108,7 @@ class SlurmCluster:
         ctld_port, d_port, *node_ports = _free_ports(2 + len(self.nodes))
         lines = [NODE_LINE.format(node=node, cpus=CPUS, port=f" Port={port}" if self.emulated else "")
                  for node, port in zip(self.nodes, node_ports)]
-        self.conf.write_text(SLURM_CONF.format(root=self.root, node=socket.gethostname().split(".")[0],
+        self.conf.write_text(SLURM_CONF.format(root=self.root, controller=_this_host(),
                                                node_lines="\n".join(lines),
                                                node_list=",".join(self.nodes),
                                                ctld_port=ctld_port, d_port=d_port,
@@ -118,8 +119,7 @@ class SlurmCluster:
         for node in self.nodes:
             command = [_which("slurmd"), "-f", str(self.conf), "-N", node]
             if self.emulated:  # in a UTS namespace named after the node
-                command = ["unshare", "--uts", "sh", "-c", 'hostname "$0" && exec "$@"', node,
-                           *command]
+                command = [str(EMULATED_HOST), node, *command]
             self._daemon(*command)
             self._pids[f"slurmd {node}"] = _read_pid(self.root / f"slurmd-{node}.pid")
         deadline = time.monotonic() + timeout
@@ -224,6 +224,10 @@ class SlurmCluster:
                 tail = path.read_text(errors="replace").splitlines()[-lines:]
                 parts.append(f"--- {path.name}\n" + "\n".join(tail))
         return "\n".join(parts)
+
+
+def _this_host() -> str:
+    return socket.gethostname().split(".")[0]
 
 
 def _which(name: str) -> str | None:
