@@ -204,6 +204,17 @@ def code_state() -> str:
             + (f" + uncommitted changes to {dirty}" if dirty else ""))
 
 
+def print_footer(watch, began: float) -> None:
+    """The lines every benchmark ends with: the machine, the code measured, how quiet the
+    machine was (`watch`: a CpuWatch), and the wall time since `began` (time.monotonic)."""
+    import time
+
+    print(f"\nmachine: {machine()}")
+    print(f"code: {code_state()}")
+    print(f"quiet: {watch.report()}")
+    print(f"wall time: {time.monotonic() - began:.0f} s")
+
+
 class CpuWatch:
     """How much of the machine's CPU went to other work while the benchmarks ran.
 

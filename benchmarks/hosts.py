@@ -31,9 +31,8 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parent)]
 
-from common import (MPIEXEC, CpuWatch, add_run_options, alternate_samples,  # noqa: E402
-                    code_state, machine, progress_printer, repeats_of, run_mpi_json, scratch,
-                    wait_for_idle)
+from common import (CpuWatch, MPIEXEC, add_run_options, alternate_samples, print_footer,  # noqa: E402
+                    progress_printer, repeats_of, run_mpi_json, scratch, wait_for_idle)
 from suite import (MiB, build, cell, others, plain_sample, rate, size_name,  # noqa: E402
                    spmdinfer_sample, spread)
 from tests.emulated_hosts import hosts_command  # noqa: E402
@@ -102,10 +101,7 @@ def report(folder: Path, repeats: int, quick: bool, idle: float, began: float) -
     for case in ("I/O-bound", "compute-bound"):
         print(f"  {case:<14} {jobs[case]['setup']}")
     print(f"  launcher       {' '.join(hosts)}")
-    print(f"\nmachine: {machine()}")
-    print(f"code: {code_state()}")
-    print(f"quiet: {watch.report()}")
-    print(f"wall time: {time.monotonic() - began:.0f} s")
+    print_footer(watch, began)
 
 
 if __name__ == "__main__":

@@ -7,15 +7,17 @@ only after the job file has been read and checked.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import signal
 import sys
 import traceback
 from pathlib import Path
+from typing import NoReturn
 
 from . import __version__
-from .errors import SpmdinferError
+from .errors import OutputExistsError, SpmdinferError
 from .spec import load_spec
 from .topology import launcher_rank
 
@@ -28,7 +30,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"spmdinfer {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    run = commands.add_parser("run", help="run a job (under mpiexec for more than one rank)")
+    run = commands.add_parser(
+        "run", help="run a job (under mpiexec for more than one rank)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="exit codes (the same on every rank):\n"
+               "  0   the output is complete (or was already, with --resume)\n"
+               "  1   a crash: a bug, or a rank that died; committed batches stay for --resume\n"
+               "  2   bad input: the job file, a slice, a dataset, the world size or a device;\n"
+               "      one line says which, and nothing was written\n"
+               "  75  stopped early by SIGTERM or SIGUSR1 at a batch boundary (EX_TEMPFAIL):\n"
+               "      continue with --resume (the Slurm scripts requeue on it)")
     run.add_argument("job", help="the job file (TOML)")
     again = run.add_mutually_exclusive_group()
     again.add_argument("--overwrite", action="store_true",
@@ -46,10 +57,20 @@ def build_parser() -> argparse.ArgumentParser:
                           "one track per rank")
 
     validate = commands.add_parser(
-        "validate", help="check a job file, its slices and datasets without MPI or loading models")
+        "validate", help="check a job file, its slices and datasets without MPI or loading models",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="exit codes:\n"
+               "  0   every check passed: `run` with the same flags would start (the last line\n"
+               "      says what it does with the output: write it, replace it, continue it)\n"
+               "  2   a problem, in one line; also when the output exists (or a stopped run's\n"
+               "      parts do) and `run` with the same flags would refuse it, after every\n"
+               "      other check")
     validate.add_argument("job", help="the job file (TOML)")
-    validate.add_argument("--overwrite", action="store_true",
-                          help="do not report an existing output file as an error")
+    flags = validate.add_mutually_exclusive_group()
+    flags.add_argument("--overwrite", action="store_true",
+                       help="check as for `run --overwrite` (an existing output is replaced)")
+    flags.add_argument("--resume", action="store_true",
+                       help="check as for `run --resume` (a stopped run is continued)")
     validate.add_argument("--deep", action="store_true",
                           help="also check the layout for a world size, the sha256 manifest, devices, "
                                "the MPI library, and every slice's declared inputs and outputs")
@@ -75,6 +96,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def console() -> NoReturn:
+    """The `spmdinfer` command: `main`, and an exit that suits what the process joined."""
+    code = main()
+    from . import cluster
+
+    if cluster.is_member():
+        cluster.leave(code)
+    sys.exit(code)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -96,21 +127,26 @@ def _validate(spec, args) -> int:
     from .validate import validate, validate_deep
 
     if args.deep:
-        lines = validate_deep(spec, args.world, args.per_node, overwrite=args.overwrite)
+        found, lines = validate_deep(spec, args.world, args.per_node, overwrite=args.overwrite,
+                                     resume=args.resume)
     else:
-        lines = [str(validate(spec, overwrite=args.overwrite))]
+        found = validate(spec, overwrite=args.overwrite, resume=args.resume)
+        lines = [str(found), f"slices: {found.slices}"]
+    if found.refusal is not None:  # everything else was checked: `run` would stop here
+        raise OutputExistsError(f"{found.refusal}; every other check passed")
     if launcher_rank() == 0:
-        print(f"spmdinfer: {args.job}: ok: " + "\n  ".join(lines))
+        print(f"spmdinfer: {args.job}: ok: " + "\n  ".join(lines + [f"output: {found.output}"]))
     return 0
 
 
 def _plan(spec, args) -> int:
-    from .plan import format_plan, plan, shared_devices
+    from .plan import format_plan, format_program, plan, program, shared_devices
 
     rows = plan(spec, args.world, args.per_node)
     clashes = shared_devices(rows)
-    print(json.dumps({"ranks": rows, "shared_devices": clashes}, indent=2) if args.json
-          else format_plan(rows))
+    described = program(spec)
+    print(json.dumps({"ranks": rows, "shared_devices": clashes, "program": described}, indent=2)
+          if args.json else format_plan(rows) + "\n" + format_program(described))
     missing = [r["rank"] for r in rows if not r["exists"]]
     if missing or clashes:
         problem = (f"slice files missing for rank(s) {missing}" if missing else
@@ -157,6 +193,7 @@ def _run(spec, args) -> int:
             world.Abort(1)
         return 1
     if world.rank == 0:
+        summary = dataclasses.replace(summary, job=args.job)  # as the user typed it
         print(summary, file=sys.stderr if summary.outcome == "stopped" else sys.stdout, flush=True)
     return EXIT_STOPPED if summary.outcome == "stopped" else 0
 

@@ -38,7 +38,9 @@ from __future__ import annotations
 
 import atexit
 import ctypes
+import faulthandler
 import os
+import select
 import signal
 import socket
 import subprocess
@@ -47,6 +49,7 @@ import tempfile
 import threading
 import time
 from dataclasses import dataclass
+from typing import NoReturn
 
 from .errors import BackendError, PeerFailed, SpmdinferError
 from .log import log
@@ -60,6 +63,7 @@ CPU_OPS = ("AllGather", "AllReduce", "Broadcast")
 SCHEDULER_TIMEOUT = 120.0   # seconds for the scheduler to listen (it imports MindSpore first)
 # MindSpore's heartbeat and retry pace, in seconds (a random whole number in [LOWER, UPPER]),
 # unless the user set them: 3 to 5 by default, which adds seconds to every init().
+# (MS_DISABLE_HEARTBEAT=1 is not set: with it, 2 of 3 exports of the test slices crashed.)
 RETRY_INTERVALS = {"MS_RETRY_INTERVAL_LOWER": "0", "MS_RETRY_INTERVAL_UPPER": "1"}
 LOCAL_HOST = "127.0.0.1"
 HOST_VARIABLE = "SPMDINFER_CLUSTER_HOST"  # the address other hosts reach a scheduler at
@@ -164,6 +168,7 @@ class Membership:
     cluster: int             # which cluster (replica, or replica * stages + stage)
     node_id: int             # MindSpore's rank of this worker in the world group
     watch: "PeerWatch"
+    comm: object = None      # the cluster's workers over MPI: they leave together (`leave`)
 
 
 def form(world, spec, info, backend: str) -> Membership | None:
@@ -222,7 +227,8 @@ def form(world, spec, info, backend: str) -> Membership | None:
         listening = time.monotonic() - listening
         world.agree(error)
         address = group.bcast_object(None if scheduler is None else scheduler.address)
-        member = Membership(plan, number, plan.node_id(layout), PeerWatch(world.peers, world.is_root))
+        member = Membership(plan, number, plan.node_id(layout), PeerWatch(world.peers, world.is_root),
+                            group.comm.Dup())
         joining, error = time.monotonic(), None
         with member.watch.predicting():  # init() waits for every worker, in native code
             try:
@@ -289,6 +295,8 @@ def _join(address: tuple[str, int], member: Membership, spec, info) -> None:
     """Join as this rank's worker; MindSpore must number it as spmdinfer does."""
     plan, node_id = member.plan, member.node_id
     joined = _join_as_worker(address, plan.size, node_id, spec.device.target, info.device_id)
+    global _workers
+    _workers = member.comm
     if joined != (node_id, plan.size):
         raise BackendError(f"MindSpore's cluster made this rank worker {joined[0]} of {joined[1]}; "
                            f"expected {node_id} of {plan.size}")
@@ -307,6 +315,8 @@ def _join_as_worker(address: tuple[str, int], size: int, node_id: int, target: s
 
     joined = join_cluster(target, device_id)
     atexit.register(_quiet_teardown)  # after MindSpore's import: runs before its exit hook
+    global _member
+    _member = True
     return joined
 
 
@@ -394,10 +404,12 @@ class Scheduler:
         self.process = None
 
     def _wait_at_exit(self) -> None:
-        """At exit, after MindSpore's own exit hook has unregistered this worker (atexit runs
-        hooks latest first, and this one is registered before MindSpore is imported), the
-        scheduler ends by itself once the last worker has left; it is killed if it does not."""
-        grace = 10.0 if "mindspore" not in _imported_before else 0.0
+        """At exit: killed at once where the workers left together without MindSpore's exit
+        hooks (`leave`); else, after MindSpore's own exit hook has unregistered this worker
+        (atexit runs hooks latest first, and this one is registered before MindSpore is
+        imported), the scheduler ends by itself once the last worker has left, and is killed
+        if it does not."""
+        grace = 10.0 if "mindspore" not in _imported_before and not _scheduler_idle else 0.0
         self.stop(grace)
 
 
@@ -406,15 +418,113 @@ class Scheduler:
 _imported_before = {name for name in ("mindspore",) if name in sys.modules}
 
 
+_member = False       # this process joined a MindSpore cluster (leave by `leave`)
+_workers = None       # the MPI communicator of its cluster's workers
+_scheduler_idle = False  # no worker needs the scheduler any more: it is killed at once
+LEAVE_SECONDS = 60.0  # the longest a worker waits at exit for the others to get there
+
+
+def leave(code: int) -> NoReturn:
+    """End a process that joined a MindSpore cluster, once the run is over, without
+    MindSpore's exit hooks and without the interpreter's teardown: the cluster's workers wait
+    for each other over MPI, the scheduler is killed and reaped, MPI is finalized (and
+    MPICH's launcher told so, `_tell_hydra_finalized`), and the process exits with `code`.
+
+    MindSpore's C++ exit hook crashed (SIGSEGV) now and then in a worker under load, after
+    the output was complete: a failed job for a finished run. faulthandler's stacks put it
+    there (docs/collectives.md). Nothing it does is needed here: it tells the scheduler the
+    worker is done (the scheduler is spmdinfer's child, and killed) and frees what the
+    process's exit frees anyway. Nor is the teardown: the output is closed and renamed, and
+    every thread left is a daemon.
+    """
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    from .backends.mindspore import exit_hooks
+    from .runner import EXIT_STOPPED
+
+    if exit_hooks and _workers is not None:
+        for hook in exit_hooks:
+            atexit.unregister(hook)
+        # After a run that every rank ended alike, every worker gets here; after a failure some
+        # may not (a rank that left from its PeerWatch): nobody waits for them.
+        global _scheduler_idle
+        _scheduler_idle = _together(_workers, LEAVE_SECONDS) if code in (0, EXIT_STOPPED) else True
+    # The atexit hooks left, latest first: _quiet_teardown, Scheduler._wait_at_exit (the
+    # first worker kills the scheduler), comm._finalize_before_teardown, logging's flush.
+    atexit._run_exitfuncs()
+    from mpi4py import MPI
+
+    if MPI.Is_initialized() and not MPI.Is_finalized():
+        MPI.Finalize()
+        _tell_hydra_finalized(MPI.Get_library_version())
+    os._exit(code)
+
+
+def _tell_hydra_finalized(library: str) -> None:
+    """Do what MPICH's C atexit handler would: tell MPICH's launcher (hydra) over PMI-1 that
+    this process has finalized.
+
+    MPICH 5 sends its PMI finalize from a C atexit handler, not from MPI_Finalize, and
+    os._exit runs no such handler. hydra takes a process that exits without it for one that
+    failed, and kills every other rank of the job still running: a finished job ended "Killed
+    (signal 9)", exit 9 (docs/collectives.md). libc's exit() would run the handler, but also
+    MindSpore's C++ static destructors, which crashed every time (SIGSEGV). Only under hydra
+    (its PMI_FD and HYDI_CONTROL_FD in the environment), which speaks PMI-1 there; another
+    launcher's ranks exit as before.
+    """
+    fd = os.environ.get("PMI_FD", "")
+    if not (library.startswith("MPICH") and fd.isdigit() and "HYDI_CONTROL_FD" in os.environ):
+        return
+    try:
+        os.write(int(fd), b"cmd=finalize\n")
+        deadline = time.monotonic() + 10.0
+        reply = b""
+        while b"\n" not in reply and time.monotonic() < deadline:
+            ready, _, _ = select.select([int(fd)], [], [], max(0.0, deadline - time.monotonic()))
+            if not ready:
+                break
+            chunk = os.read(int(fd), 1024)
+            if not chunk:
+                break
+            reply += chunk
+    except OSError:
+        pass  # the launcher is gone: nobody is left to kill the other ranks
+
+
+def _together(comm, seconds: float) -> bool:
+    """Wait, politely, until every rank of `comm` has got here (False after `seconds`)."""
+    request, deadline = comm.Ibarrier(), time.monotonic() + seconds
+    while not request.Test():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.001)
+    return True
+
+
+def is_member() -> bool:
+    """Whether this process joined a MindSpore cluster."""
+    return _member
+
+
 def _quiet_teardown() -> None:
     """MindSpore's exit hook logs INFO lines as its cluster threads stop, whatever GLOG_v
-    says; by then spmdinfer has said all it had to, so stderr goes (unless GLOG_v < 2)."""
+    says; by then spmdinfer has said all it had to, so stderr goes (unless GLOG_v < 2).
+    A crash from here on still says where: faulthandler writes to the stderr it had."""
     if int(os.environ.get("GLOG_v", "3") or 3) < 2:
         return  # the user asked for MindSpore's INFO log
     sys.stderr.flush()
+    global _crash_log
+    _crash_log = os.fdopen(os.dup(2), "w")
+    faulthandler.enable(file=_crash_log, all_threads=True)
     devnull = os.open(os.devnull, os.O_WRONLY)
     os.dup2(devnull, 2)
     os.close(devnull)
+
+
+_crash_log = None   # the stderr that a crash in MindSpore's exit hook is reported on
 
 
 def free_port(host: str) -> int:

@@ -3,18 +3,23 @@
 from __future__ import annotations
 
 import errno
+import re
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
 from .comm import DONE, Channel, PacketReceiver
-from .data import OutputWriter
-from .errors import DataError
+from .output import OutputWriter
+from .errors import DataError, HookError
+from .hooks import Hook
 from .journal import Journal, OutputLock
 from .overlap import Committer
 from .progress import Progress
 from .topology import Layout
+
+
+_DATASET_NAME = re.compile(r"[A-Za-z0-9_.-]+")
 
 
 class Collector:
@@ -30,7 +35,10 @@ class Collector:
     """
 
     def __init__(self, world: Channel, journal: Journal, writer: OutputWriter, lock: OutputLock,
-                 layout: Layout, progress: Progress, batch_size: int):
+                 layout: Layout, progress: Progress, batch_size: int,
+                 datasets: Sequence[tuple[str, str]] = (), post: Hook | None = None):
+        """`datasets`: [output.datasets], the model's outputs by name; `post` (the job's
+        postprocess) gets them so named, and what it returns is committed and written."""
         self.world = world
         self.journal = journal
         self.writer = writer
@@ -43,6 +51,11 @@ class Collector:
         self.error: Exception | None = None
         self.commits = 0
         self.rows = 0
+        self.names = [name for name, _ in datasets]
+        self._declared = dict(datasets)
+        self.post = post
+        if post is not None and "written" in journal.manifest:  # a resumed run's datasets
+            writer.paths = [path for _, path in journal.manifest["written"]]
         self._committer = Committer(self._commit, first=self._rewrite)
 
     def _rewrite(self) -> None:
@@ -52,8 +65,33 @@ class Collector:
 
     def _commit(self, start: int, arrays: Sequence[np.ndarray]) -> None:
         """Make one finished batch durable, then write it (in the committer's thread)."""
+        if self.post is not None:
+            arrays = self._postprocessed(start, arrays)
         self._guarded(start, "committing", self.journal.folder, self.journal.commit, arrays)
         self._write(start, arrays)
+
+    def _postprocessed(self, start: int, arrays: Sequence[np.ndarray]) -> list[np.ndarray]:
+        """What the postprocess makes of a finished batch, in the order of its datasets. The
+        first batch names them: a name [output.datasets] gives is written at its path there,
+        any other at /NAME; the journal keeps them for a resumed run."""
+        rows = len(arrays[0]) if arrays else 0
+        with self.world.recorder.span("write"):  # metrics: a postprocess counts as writing
+            result = self.post(dict(zip(self.names, arrays)), start, rows)
+        if "written" not in self.journal.manifest:
+            written = [(name, self._declared.get(name, "/" + name)) for name in result]
+            bad = [name for name in result if not _DATASET_NAME.fullmatch(name)]
+            if bad:
+                raise HookError(f"[output] postprocess {self.post.name} returned {bad[0]!r}: a "
+                                "dataset name is letters, digits, '_', '-' and '.'")
+            self.journal.manifest["written"] = written
+            self.journal.save_manifest()
+            self.writer.paths = [path for _, path in written]
+        names = [name for name, _ in self.journal.manifest["written"]]
+        if list(result) != names:
+            raise HookError(f"[output] postprocess {self.post.name} on rows {start}.."
+                            f"{start + rows - 1} returned {', '.join(result)}; the output's "
+                            f"datasets are {', '.join(names)}")
+        return list(result.values())
 
     def _write(self, start: int, arrays: Sequence[np.ndarray]) -> None:
         self._guarded(start, "writing", self.writer.temp_path, self.writer.write, arrays)

@@ -23,7 +23,7 @@ import os
 import socket
 import time
 from collections import deque
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 import numpy as np
 
@@ -248,19 +248,35 @@ class Channel:
     def bcast_packet(self, kind: int = GO, start: int = 0, rows: int = 0,
                      arrays: Sequence[np.ndarray] = ()) -> tuple[int, int, int, list[np.ndarray]]:
         """Broadcast a packet from the root; every rank returns (kind, start, rows, arrays)."""
+        return self.take_packet(self.post_packet(kind, start, rows, arrays))
+
+    def post_packet(self, kind: int = GO, start: int = 0, rows: int = 0,
+                    arrays: Sequence[np.ndarray] = ()) -> PostedPacket:
+        """Start a packet's broadcast without waiting: the root posts the header and the
+        arrays at once (collectives on one communicator match in order), the others post the
+        header's receive (they learn the arrays' sizes from it). `take_packet` completes it;
+        the root's arrays must stay untouched until then."""
         if self.is_root:
-            # The root posts the header and the arrays at once (collectives on one
-            # communicator match in order); the others learn the sizes from the header first.
             header = pack_header(kind, start, rows, arrays)
-            first = self.comm.Ibcast(header, root=ROOT)
-            requests = [self.comm.Ibcast(_bytes(a), root=ROOT) for a in arrays if a.nbytes]
-            self.wait(first)  # every rank is there once it completes: the rest moves busily
-            for request in requests:
-                self.wait(request, busy=True)
-            return kind, start, rows, list(arrays)
+            requests = [self.comm.Ibcast(header, root=ROOT)]
+            requests += [self.comm.Ibcast(_bytes(a), root=ROOT) for a in arrays if a.nbytes]
+            return PostedPacket(requests, header, (kind, start, rows, list(arrays)))
         header = empty_header()
-        self.wait(self.comm.Ibcast(header, root=ROOT))
-        kind, start, rows, layout = unpack_header(header)
+        return PostedPacket([self.comm.Ibcast(header, root=ROOT)], header)
+
+    def take_packet(self, posted: PostedPacket) -> tuple[int, int, int, list[np.ndarray]]:
+        """Complete a posted broadcast; every rank returns (kind, start, rows, arrays)."""
+        first, *rest = posted.requests
+        try:
+            self.wait(first)  # every rank is there once it completes: the rest moves busily
+            if self.is_root:
+                for request in rest:
+                    self.wait(request, busy=True)
+                return posted.packet
+        except BaseException:
+            abandon(rest)  # a peer failed: the arrays' broadcasts keep their buffers
+            raise
+        kind, start, rows, layout = unpack_header(posted.header)
         arrays = [self._receive_buffer(k, dtype, shape) for k, (dtype, shape) in enumerate(layout)]
         for array in arrays:
             if array.nbytes:
@@ -336,6 +352,14 @@ class Channel:
                                                      self._mpi.BYTE], root=ROOT), busy=True)
         return [received[d:d + c].view(array.dtype).reshape(s)
                 for d, c, s in zip(displacements, counts, shapes)]
+
+
+class PostedPacket(NamedTuple):
+    """A broadcast under way (Channel.post_packet): its requests and the buffers they use."""
+
+    requests: list
+    header: np.ndarray
+    packet: tuple | None = None  # the root's (kind, start, rows, arrays)
 
 
 class PacketReceiver:

@@ -21,6 +21,10 @@ class BackendError(SpmdinferError):
     """A model slice cannot be loaded or does not fit the job."""
 
 
+class HookError(SpmdinferError):
+    """A job's preprocess or postprocess function raised, or returned what does not fit."""
+
+
 class WorldSizeError(SpmdinferError):
     """The MPI world size does not fit the job's layout."""
 

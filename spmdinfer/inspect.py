@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import functools
 import importlib.metadata
 import importlib.util
 from pathlib import Path
 
-from .backends import PACKAGES, Placement, TensorInfo
+from .backends import PACKAGES, TensorInfo
 from .errors import BackendError
 
 # File suffix -> (format, backend that reads it).
@@ -50,12 +51,24 @@ def declared(path: Path) -> tuple[list[TensorInfo], list[TensorInfo], str]:
 
         # Only the protobuf is parsed: no graph is compiled, so any MindIR reads on any host.
         inputs, outputs = read_signature(path)
-        return inputs, outputs, importlib.metadata.version("mindspore")
-    from .backends.onnxruntime import open_session
+        return inputs, outputs, _version("mindspore")
+    from .onnxfile import read_signature
 
-    session = open_session(path, Placement("cpu", None, 0, 1),
-                           {"graph_optimization_level": "disable_all"})
-    return session.inputs(), session.outputs(), session.version
+    # Only the protobuf's graph is read (not its weights): no session is made.
+    inputs, outputs = read_signature(path)
+    return inputs, outputs, _version("onnxruntime")
+
+
+@functools.lru_cache(maxsize=None)
+def _version(package: str) -> str:
+    """The installed version of a package, whatever its distribution is called
+    (onnxruntime-gpu, mindspore-ascend, ...); "?" where none says."""
+    for distribution in importlib.metadata.packages_distributions().get(package, [package]):
+        try:
+            return importlib.metadata.version(distribution)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return "?"
 
 
 def format_report(report: dict) -> str:

@@ -7,6 +7,7 @@ combine and receiving spent waiting for a peer; it is also inside those spans).
 from __future__ import annotations
 
 import json
+import os
 import resource
 import time
 from collections import defaultdict
@@ -22,6 +23,23 @@ class Recorder:
     def __init__(self, trace: bool = False):
         self.totals: dict[str, float] = defaultdict(float)
         self.spans: list[tuple[str, float, float]] | None = [] if trace else None
+        self._loop_cpu: float | None = None
+        # Seconds per start-up phase, from "launch" (the process's start to this recorder:
+        # interpreter, imports, MPI_Init) to "assemble" (the loop's communicators, shared memory).
+        self.startup: dict[str, float] = {"launch": since_process_start()}
+
+    @contextmanager
+    def phase(self, name: str):
+        """One start-up phase (spmdinfer.startup), timed for `startup_seconds`."""
+        began = time.monotonic()
+        try:
+            yield
+        finally:
+            self.startup[name] = self.startup.get(name, 0.0) + time.monotonic() - began
+
+    def start_loop(self) -> None:
+        """The loop starts: from here on this process's CPU time is the loop's."""
+        self._loop_cpu = _cpu_seconds()
 
     @contextmanager
     def span(self, activity: str):
@@ -42,12 +60,33 @@ class Recorder:
             "rank": rank, "host": host,
             "seconds": {a: round(self.totals.get(a, 0.0), 6) for a in ACTIVITIES},
             "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+            # CPU seconds (all threads) from the first batch to this report: over the loop's
+            # wall time, the cores this rank used while scoring.
+            "loop_cpu_seconds": None if self._loop_cpu is None else
+            round(_cpu_seconds() - self._loop_cpu, 6),
+            "startup_seconds": {k: round(v, 6) for k, v in self.startup.items()},
             "spans": self.spans,
         }
 
 
+def since_process_start() -> float:
+    """Seconds since this process started (Linux: its start time in /proc, on the boot
+    clock; 0.0 elsewhere)."""
+    try:
+        started = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+        return max(0.0, time.clock_gettime(time.CLOCK_BOOTTIME) - started / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError, AttributeError):
+        return 0.0
+
+
+def _cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
 def write_metrics(path: Path, summary, reports: list[dict]) -> None:
-    """The --metrics JSON: the run's totals and, per rank, seconds per activity and peak RSS."""
+    """The --metrics JSON: the run's totals and, per rank, seconds per activity, peak RSS,
+    the loop's CPU seconds and the seconds of each start-up phase."""
     data = {
         "rows": summary.rows, "batches": summary.batches, "outcome": summary.outcome,
         "wall_seconds": round(summary.seconds, 6),

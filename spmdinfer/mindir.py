@@ -4,12 +4,18 @@ MindSpore's protobuf module (`mindspore/train/mind_ir_pb2.py`) is loaded from it
 alone, so reading a slice never imports the `mindspore` package: a collective cluster's
 variables must be set before that import (see spmdinfer.cluster), and `inspect` and
 `validate` stay quick.
+
+The signature and the collectives are read from the file's skeleton (`skeleton`): the
+protobuf's entries are walked in a memory map, and the graph's parameters (the weights,
+nearly all of a slice's bytes) are skipped without being read, so reading a slice of
+gigabytes costs what reading its graph costs.
 """
 
 from __future__ import annotations
 
 import functools
 import importlib.util
+import mmap
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +23,7 @@ import numpy as np
 
 from .backends import TensorInfo
 from .errors import BackendError
+from .protowire import entries, mapped, varint_bytes
 
 # MindIR's TensorProto.DataType names -> numpy; BFLOAT16 has no numpy dtype.
 _DTYPES = {"FLOAT": np.float32, "FLOAT16": np.float16, "DOUBLE": np.float64, "FLOAT64": np.float64,
@@ -74,6 +81,41 @@ def read_model(path: Path):
     return model
 
 
+def read_skeleton(path: Path):
+    """The ModelProto of a MindIR file without its graphs' parameters (see `skeleton`)."""
+    model = _protobuf().ModelProto()
+    try:
+        with mapped(path, SKIM_ABOVE) as data:
+            model.ParseFromString(skeleton(data) if isinstance(data, mmap.mmap) else data)
+    except OSError as exc:
+        raise BackendError(f"{path}: cannot read the MindIR file ({exc.strerror})") from None
+    except Exception as exc:  # protobuf raises its own DecodeError, not exported stably
+        raise BackendError(f"{path}: not a readable MindIR file ({type(exc).__name__}: {exc})") from None
+    return model
+
+
+SKIM_ABOVE = 1 << 20   # smaller files are parsed whole
+_GRAPH_FIELDS = (7, 8)   # ModelProto.graph, ModelProto.functions: GraphProto
+_WEIGHT_FIELDS = (3, 10)  # GraphProto.parameter, GraphProto.map_parameter
+
+
+def skeleton(data) -> bytes:
+    """A serialized ModelProto (bytes or a memory map) without its graphs' parameters: the
+    entries of the model and of each graph are walked by their tags and lengths, and a
+    parameter's bytes are never read."""
+    out = bytearray()
+    for number, wire, entry, end, payload in entries(data, 0, len(data)):
+        if wire != 2 or number not in _GRAPH_FIELDS:
+            out += data[entry:end]
+            continue
+        graph = bytearray()
+        for inner, inner_wire, start, stop, _ in entries(data, payload, end):
+            if not (inner_wire == 2 and inner in _WEIGHT_FIELDS):
+                graph += data[start:stop]
+        out += varint_bytes(number << 3 | 2) + varint_bytes(len(graph)) + graph
+    return bytes(out)
+
+
 def read_signature(path: Path) -> tuple[list[TensorInfo], list[TensorInfo]]:
     """Inputs and outputs a MindIR file declares, read from its protobuf graph."""
     inputs, outputs, _ = _summary(*_version(path))
@@ -97,9 +139,9 @@ def _version(path: Path) -> tuple[Path, int, float]:
 @functools.lru_cache(maxsize=64)
 def _summary(path: Path, size: int, mtime: float) -> tuple[tuple, tuple, tuple]:
     """(inputs, outputs, collectives) of one version of a file: start-up asks twice (the
-    cluster phase, then the backend), and the file is parsed once; its graph and weights
-    are not kept."""
-    model = read_model(path)
+    cluster phase, then the backend), and the file's skeleton is parsed once (its weights
+    never are) and not kept."""
+    model = read_skeleton(path)
     return (*_signature(model), _collectives(model))
 
 

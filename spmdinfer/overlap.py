@@ -14,8 +14,9 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from .data import InputField, InputReader
-from .errors import DataError
+from .input import InputField, InputReader
+from .errors import DataError, HookError
+from .hooks import Hook, preprocess_into
 
 PREFETCH_DEPTH = 2   # buffer sets: one being predicted, one being read
 COMMIT_DEPTH = 4     # finished batches that may wait for their commit
@@ -27,8 +28,16 @@ class Prefetcher:
 
     def __init__(self, reader: InputReader, fields: Sequence[InputField], starts: Sequence[int],
                  batch_size: int, rows: int, timed: Callable | None = None,
-                 buffer_sets: Sequence[list[np.ndarray]] | None = None):
+                 buffer_sets: Sequence[list[np.ndarray]] | None = None, pre: Hook | None = None):
+        """`fields`: what the model gets. With `pre` (the job's preprocess) each batch is read
+        into buffers of the input's own fields first, and what `pre` returns fills the set."""
         self._reader = reader
+        self._fields = list(fields)
+        self._pre = pre
+        self._raw = None if pre is None else [f.buffer(max(1, min(batch_size, rows)))
+                                               for f in reader.fields]
+        for buffer in self._raw or ():
+            buffer[:1] = 0
         self._starts = list(starts)
         self._batch_size = batch_size
         self._rows = rows
@@ -56,16 +65,27 @@ class Prefetcher:
             stop = min(start + self._batch_size, self._rows)
             try:
                 if self._timed is None:
-                    self._reader.read(start, stop, buffers)
+                    self._fill(start, stop, buffers)
                 else:
-                    with self._timed():
-                        self._reader.read(start, stop, buffers)
-            except Exception as exc:
-                self._ready.put(DataError(f"reading rows {start}..{stop - 1} of "
-                                          f"{self._reader.file_path}: {exc}"))
+                    with self._timed():  # a preprocess counts as reading: the batch is not ready yet
+                        self._fill(start, stop, buffers)
+            except (DataError, HookError) as exc:
+                self._ready.put(exc)
                 return
             self._ready.put((start, stop - start, buffers, slot))
         self._ready.put(None)
+
+    def _fill(self, start: int, stop: int, buffers: list[np.ndarray]) -> None:
+        """Rows [start, stop) into `buffers`: read, then preprocessed where the job says."""
+        read = buffers if self._pre is None else self._raw
+        try:
+            self._reader.read(start, stop, read)
+        except Exception as exc:
+            raise DataError(f"reading rows {start}..{stop - 1} of {self._reader.file_path}: "
+                            f"{exc}") from None
+        if self._pre is not None:
+            preprocess_into(self._pre, self._fields, self._reader.fields, start, stop - start,
+                            read, buffers)
 
     def next(self) -> tuple[int, int, list[np.ndarray], int] | None:
         """The next batch (start, rows, buffers, slot: which buffer set), or None when there
@@ -74,6 +94,10 @@ class Prefetcher:
         if isinstance(item, Exception):
             raise item
         return item
+
+    def ready(self) -> bool:
+        """Whether `next` would return without waiting for a read."""
+        return not self._ready.empty()
 
     def release(self, slot: int) -> None:
         """The buffer set `slot` may be read into again."""

@@ -26,10 +26,11 @@ import numpy as np
 
 from .collector import Collector
 from .combine import Combiner
-from .comm import DONE, GO, Channel
-from .data import InputField, InputReader
+from .comm import DONE, GO, Channel, PostedPacket, abandon
+from .input import InputField, InputReader
 from .errors import JobFailed, PeerFailed
 from .failure import reported
+from .hooks import Hook
 from .log import log
 from .overlap import Prefetcher
 from .program import Program
@@ -75,6 +76,10 @@ class _FromFile:
         start, valid, buffers, slot = batch
         return Batch(GO, start, valid, [b[:max(valid, 1)] for b in buffers], slot=slot)
 
+    def ready(self) -> bool:
+        """Whether `next` would not wait for the input file."""
+        return self.world.peers.stopping or self.prefetcher.ready()
+
     def release(self, slot: int) -> None:
         self.prefetcher.release(slot)
 
@@ -92,6 +97,10 @@ class _FromStage:
 
     def next(self) -> Batch:
         return Batch(*self.world.recv_packet(self.source))
+
+    def ready(self) -> bool:
+        """Never ahead of time: `next` waits for a peer."""
+        return False
 
     def release(self, slot: int) -> None:
         pass
@@ -114,7 +123,7 @@ class Source(abc.ABC):
         """The group's next batch, on every rank of it."""
 
     def post_ahead(self) -> None:
-        """After the stage predicted a batch, before it combines it."""
+        """After the stage predicted a batch, before it combines it: a start on the next."""
 
     def release(self, batch: Batch) -> None:
         """Every rank of the group is done with the batch's arrays."""
@@ -127,11 +136,36 @@ class Source(abc.ABC):
 
 
 class _ByMessage(Source):
-    """The leader broadcasts each batch its feed gives."""
+    """The leader broadcasts each batch its feed gives, on a communicator kept for batches
+    (the combine's collectives on the group's own do not have to match them in order). Once
+    a rank has predicted a batch it posts the next one's broadcast (the leader, if its feed
+    has that batch at hand; the others, the receive of its header), so that batch b+1
+    travels while the group combines batch b and the others go straight on to predict it."""
+
+    def __init__(self, group: Channel, feed):
+        super().__init__(group, feed)
+        self.batches = group.split(0)
+        self._posted: tuple[PostedPacket, int] | None = None  # the next batch, and its slot
 
     def take(self) -> Batch:
+        posted, slot = self._posted or self._post()
+        self._posted = None
+        return Batch(*self.batches.take_packet(posted), slot=slot)
+
+    def post_ahead(self) -> None:
+        if self.feed is None or self.feed.ready():
+            with self.group.recorder.span("bcast"):
+                self._posted = self._post()
+
+    def _post(self) -> tuple[PostedPacket, int]:
         packet = NO_MORE if self.feed is None else self.feed.next()
-        return Batch(*self.group.bcast_packet(*packet[:4]), slot=packet.slot)
+        return self.batches.post_packet(*packet[:4]), packet.slot
+
+    def close(self, finished: bool) -> None:
+        if self._posted is not None:  # a failure left a broadcast under way
+            abandon(self._posted[0].requests)
+        super().close(finished)
+        self.batches.close()
 
 
 class _BySharedMemory(Source):
@@ -321,7 +355,7 @@ class Pipeline:
 
 def assemble(world: Channel, info: RankInfo, spec: JobSpec, program: Program,
              fields: list[InputField], rows: int, starts: list[int], reader: InputReader | None,
-             collector: Collector | None, inside=None) -> Pipeline:
+             collector: Collector | None, inside=None, pre: Hook | None = None) -> Pipeline:
     """This rank's pipeline for the batches in `starts` (collective: splits `world` into the
     stages' groups, and a stage-0 group on one node opens its shared memory)."""
     layout = info.layout
@@ -331,7 +365,7 @@ def assemble(world: Channel, info: RankInfo, spec: JobSpec, program: Program,
     if group.is_root and layout.stage == 0:
         prefetcher = Prefetcher(reader, fields, starts[layout.replica::layout.replicas],
                                 spec.input.batch_size, rows, lambda: world.recorder.span("read"),
-                                shared and [shared.slot_arrays(k) for k in range(SLOTS)])
+                                shared and [shared.slot_arrays(k) for k in range(SLOTS)], pre)
         feed = _FromFile(world, prefetcher)
     elif group.is_root:
         before = layout.stage - 1 if spec.model.handoff == "host" else 0

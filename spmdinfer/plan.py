@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from .errors import WorldSizeError
-from .spec import JobSpec
+from .spec import JobSpec, Step
 from .topology import device_for, layout_for, physical_device
 
 
@@ -52,3 +52,41 @@ def format_plan(rows: list[dict]) -> str:
     widths = [max(len(row[i]) for row in table) for i in range(len(header) - 1)]
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)) + "  " + row[-1]
                      for row in table)
+
+
+def program(spec: JobSpec) -> dict:
+    """What every model rank runs on a batch: the hooks, the steps and where each output
+    comes from (as the job file says; the slices' own names are `validate`'s to check)."""
+    steps = spec.steps or (Step(graph=0, name="step1"),)
+    last = steps[-1].name
+    return {
+        "preprocess": spec.input.preprocess or None,
+        "steps": [{"name": s.name, "graph": s.graph, "repeat": s.repeat,
+                   "feed": dict(s.feed), "inputs": dict(s.inputs), "collect": s.collect,
+                   "until": None if s.until is None else
+                   {"output": s.until.output, "equals": s.until.equals}} for s in steps],
+        "outputs": dict(spec.output.sources) or
+                   {name: f"{last}.output{i}" for i, name in enumerate(spec.output_names)},
+        "postprocess": spec.output.postprocess or None,
+    }
+
+
+def format_program(described: dict) -> str:
+    lines = ["program (on every model rank; graph N is [model] files[N]):"]
+    if described["preprocess"]:
+        lines.append(f"  [input] preprocess {described['preprocess']} on each batch, before it is shared")
+    for step in described["steps"]:
+        sources = [f"{name} <- {source}" for name, source in step["inputs"].items()]
+        sources += [f"{name} <- {source} of the step before" for name, source in step["feed"].items()]
+        times = "once" if step["repeat"] == 1 else f"{step['repeat']} times"
+        if step["until"]:
+            times = (f"up to {step['repeat']} times, until every row's {step['until']['output']}"
+                     f" holds {step['until']['equals']}")
+        lines.append(f"  {step['name']}: graph {step['graph']} {times}"
+                     + (f"; {', '.join(sources)}" if sources else "; inputs from the batch")
+                     + ("; every repeat's outputs collected" if step["collect"] else ""))
+    lines.append("  outputs: " + ", ".join(f"{name} <- {source}"
+                                           for name, source in described["outputs"].items()))
+    if described["postprocess"]:
+        lines.append(f"  [output] postprocess {described['postprocess']} on each batch, before it is written")
+    return "\n".join(lines)

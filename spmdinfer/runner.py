@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shlex
 import signal
 import threading
 import time
@@ -30,7 +31,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from .comm import DONE, Channel, Peers
-from .data import InputField
+from .input import InputField
 from .errors import DataError, JobFailed, PeerFailed
 from .failure import reported
 from .log import log
@@ -58,6 +59,7 @@ class RunSummary:
     outcome: str = "complete"   # complete | stopped (resumable) | already complete
     remaining: int = 0          # batches still to do when stopped
     rows_done: int | None = None  # rows this run scored (fewer than `rows` after a resume)
+    job: str = "JOB"              # the job file, as the command to continue names it
 
     @property
     def rows_per_second(self) -> float:
@@ -72,8 +74,8 @@ class RunSummary:
             return f"spmdinfer: {self.output} is already complete; nothing to do"
         if self.outcome == "stopped":
             return (f"spmdinfer: stopped early after {self.batches} batches this run, "
-                    f"{self.remaining} to go; continue with: spmdinfer run JOB --resume "
-                    f"(exit code {EXIT_STOPPED})")
+                    f"{self.remaining} to go; continue with: spmdinfer run "
+                    f"{shlex.quote(self.job)} --resume (exit code {EXIT_STOPPED})")
         resumed = "" if self.rows_done in (None, self.rows) else f" ({self.rows_done} this run)"
         return (f"spmdinfer: {self.rows} rows{resumed}, {self.batches} batches, {self.seconds:.2f} s "
                 f"(load {self.load_seconds:.2f} s), {self.rows_per_second:.1f} rows/s "
@@ -181,15 +183,18 @@ class _Run:
             if startup.collector is not None:
                 startup.collector.drain()
             self.world.flush()
-            self.watchdog.stop()
+            # The finish waits for every rank too: a rank frozen there (after its last batch)
+            # must end the job as it would mid-run, not hang it.
+            self.watchdog.kick()
             outcome, remaining, batches, done = self._finish(starts)
+            self.watchdog.stop()
         except BaseException as exc:
             raise self._fail(exc) from None
         finally:
             startup.close()
         return RunSummary(rows, batches, time.monotonic() - started, self.loaded - started,
                           self.spec.output.file, outcome=outcome, remaining=remaining,
-                          rows_done=done)
+                          rows_done=done, job=str(self.spec.path))
 
     def _fail(self, exc: BaseException) -> BaseException:
         """Tell the other ranks (unless they told us) and return what this rank raises.
@@ -224,12 +229,15 @@ class _Run:
         """This rank's share of the batches in `starts`: its source gives the batches, its
         stage predicts and combines them, its sink takes the outputs."""
         startup = self.startup
-        pipeline = assemble(self.world, startup.info, self.spec, program, fields, rows, starts,
-                            startup.reader, startup.collector,
-                            startup.cluster.watch.predicting if startup.cluster else None)
+        with self.world.recorder.phase("assemble"):
+            pipeline = assemble(self.world, startup.info, self.spec, program, fields, rows,
+                                starts, startup.reader, startup.collector,
+                                startup.cluster.watch.predicting if startup.cluster else None,
+                                startup.pre)
         source, stage, sink = pipeline.source, pipeline.stage, pipeline.sink
         finished = False
         self.loaded = time.monotonic()  # start-up ends here: the loop starts with the first batch
+        self.world.recorder.start_loop()
         try:
             while True:
                 self._tick()
@@ -288,7 +296,8 @@ class _Run:
             writer.discard()
             raise DataError(f"[output] file {self.spec.output.file}: cannot write it ({exc}); "
                             f"every batch is committed in {journal.folder}, so "
-                            "`spmdinfer run JOB --resume` will write it again") from None
+                            f"`spmdinfer run {shlex.quote(str(self.spec.path))} --resume` will "
+                            "write it again") from None
         journal.remove()
 
 

@@ -26,7 +26,7 @@ from typing import Sequence
 import numpy as np
 
 from .comm import DONE, GO, Channel
-from .data import InputField
+from .input import InputField
 
 SLOTS = 3              # input slots: one being finished, one posted ahead, one being read
 HALVES = 2             # output segments hold two batches: the one posted ahead, the one combined

@@ -8,12 +8,13 @@ the valid ones.
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 import string
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, Sequence, Union
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -63,12 +64,44 @@ class Step:
     """One step of a multi-graph program: run graph `graph` `repeat` times.
 
     `feed` maps an input name of the graph to an output name of the step before
-    (or of the same graph's previous repeat); inputs not fed come from the batch.
+    (or of the same graph's previous repeat). `inputs` maps an input name of the graph to
+    where it comes from: a field of the batch by name, or an earlier step's output as
+    "STEP.OUTPUT" (a step's `name`, "step1", "step2", ... unless the job names it).
+    Inputs neither fed nor named come from the batch.
+
+    `collect`: every repeat's outputs, stacked along a new axis 1 (rows, repeat, ...), are
+    what later steps and [output.from] get, rather than the last repeat's. `until`: the
+    repeats stop once every row of the batch has given `until.equals` in output
+    `until.output`; "STEP.length" is then each row's count of repeats up to and including
+    that one, and a collected output is padded after it (`Until`).
     """
 
     graph: int
     repeat: int = 1
     feed: tuple[tuple[str, str], ...] = ()
+    inputs: tuple[tuple[str, str], ...] = ()
+    name: str = ""
+    collect: bool = False
+    until: Until | None = None
+
+
+@dataclass(frozen=True)
+class Until:
+    """A repeated step's stop condition: every row has given `equals` in `output`."""
+
+    output: str
+    equals: float
+
+    def pad(self, output: str) -> float:
+        """What a collected output holds after a row's last repeat: the stop value in the
+        output that stops, 0 in the others."""
+        return self.equals if output == self.output else 0
+
+
+def step_reference(text: str) -> tuple[str, str] | None:
+    """("step", "output") for "step.output"; None for a plain name (a field of the batch)."""
+    step, dot, output = text.partition(".")
+    return (step, output) if dot else None
 
 
 @dataclass(frozen=True)
@@ -116,6 +149,7 @@ class InputSpec:
     file: Path
     datasets: tuple[tuple[str, str], ...]
     batch_size: int = 128
+    preprocess: str = ""    # module:function run on each batch before it is shared (spmdinfer.hooks)
 
 
 @dataclass(frozen=True)
@@ -124,6 +158,9 @@ class OutputSpec:
     datasets: tuple[tuple[str, str], ...]
     combine: tuple[Combine, ...] = ()
     compression: str = ""   # "" (none) | "lzf" | "gzip" | "gzip:LEVEL"
+    postprocess: str = ""   # module:function run on each finished batch before it is written
+    # [output.from]: output name -> "STEP.OUTPUT" it takes; empty: the last step's, in order
+    sources: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -197,6 +234,7 @@ def parse_spec(text: str, path: Path) -> JobSpec:
     output = _parse_output(doc["output"], base)
     backend_options = _parse_backend_options(doc.get("backend", {}))
     steps = _parse_steps(doc["steps"], len(model.files)) if "steps" in doc else ()
+    _check_sources(output.sources, steps or (Step(graph=0, name="step1"),))
     run = _parse_run(doc.get("run", {}))
     return JobSpec(path=path.resolve(), text=text, model=model, device=device,
                    input=input_spec, output=output, backend_options=backend_options, steps=steps,
@@ -232,16 +270,21 @@ def _parse_model(table: dict, base: Path) -> ModelSpec:
     if not isinstance(manifest, str):
         raise SpecError(f"[model] sha256 must be the path of a sha256sum manifest, got {manifest!r}")
     return ModelSpec(files=templates, backend=backend, ranks=ranks, stages=stages, handoff=handoff,
-                     stage_combine=stage_combine, sha256=str(base / manifest) if manifest else "")
+                     stage_combine=stage_combine, sha256=str(_anchored(base, manifest)) if manifest else "")
 
 
 def _parse_steps(steps, graphs: int) -> tuple[Step, ...]:
     if not isinstance(steps, list) or not steps or not all(isinstance(t, dict) for t in steps):
         raise SpecError("[[steps]] must be an array of tables, each with graph = N")
-    parsed = []
+    parsed: list[Step] = []
     for index, table in enumerate(steps):
         where = f"[[steps]] #{index + 1}"
         _check_keys(table, _fields(Step), where)
+        name = table.get("name", f"step{index + 1}")
+        if not (isinstance(name, str) and _NAME.fullmatch(name)):
+            raise SpecError(f"{where} name must be a word (letters, digits, _), got {name!r}")
+        if name in {step.name for step in parsed}:
+            raise SpecError(f"{where} name {name!r}: another step has that name")
         if "graph" not in table:
             raise SpecError(f"{where}: graph is required (0 to {graphs - 1}, an index into [model] files)")
         graph = table["graph"]
@@ -252,8 +295,61 @@ def _parse_steps(steps, graphs: int) -> tuple[Step, ...]:
         feed = table.get("feed", {})
         if not isinstance(feed, dict) or not all(isinstance(v, str) for v in feed.values()):
             raise SpecError(f"{where} feed must be a table of input_name = \"output_name\", got {feed!r}")
-        parsed.append(Step(graph=graph, repeat=repeat, feed=tuple(feed.items())))
+        inputs = table.get("inputs", {})
+        if not isinstance(inputs, dict) or not all(isinstance(v, str) and v for v in inputs.values()):
+            raise SpecError(f'{where} inputs must be a table of input_name = "field" or '
+                            f'"STEP.OUTPUT", got {inputs!r}')
+        both = [key for key in inputs if key in feed]
+        if both:
+            raise SpecError(f"{where} input {both[0]!r} is in both feed and inputs")
+        for key, source in inputs.items():
+            _check_earlier(source, f"{where} inputs {key}", parsed)
+        collect = table.get("collect", False)
+        if not isinstance(collect, bool):
+            raise SpecError(f"{where} collect must be true or false, got {collect!r}")
+        until = _until(table["until"], where, repeat) if "until" in table else None
+        parsed.append(Step(graph=graph, repeat=repeat, feed=tuple(feed.items()),
+                           inputs=tuple(inputs.items()), name=name, collect=collect, until=until))
     return tuple(parsed)
+
+
+def _until(table, where: str, repeat: int) -> Until:
+    expected = '{ output = "NAME", equals = NUMBER }'
+    if not isinstance(table, dict) or sorted(table) != ["equals", "output"]:
+        raise SpecError(f"{where} until must be {expected}, got {table!r}")
+    output, equals = table["output"], table["equals"]
+    if not (isinstance(output, str) and output):
+        raise SpecError(f"{where} until output must name an output of the step's graph, got {output!r}")
+    if isinstance(equals, bool) or not isinstance(equals, (int, float)):
+        raise SpecError(f"{where} until equals must be a number, got {equals!r}")
+    if repeat < 2:
+        raise SpecError(f"{where} until needs repeat > 1 (the most repeats), got repeat = {repeat}")
+    return Until(output=output, equals=equals)
+
+
+def _check_earlier(source: str, where: str, earlier: Sequence[Step], after: str = "") -> None:
+    """A "STEP.OUTPUT" reference must name a step that has run by then."""
+    reference = step_reference(source)
+    if reference is None:
+        return
+    step, output = reference
+    names = [s.name for s in earlier]
+    if step not in names or not output:
+        before = after or "before this step"
+        known = ", ".join(names) or "none"
+        raise SpecError(f'{where} = "{source}": "STEP.OUTPUT" must name a step that runs '
+                        f"{before} and one of its outputs; steps {before}: {known}")
+
+
+def _check_sources(sources: tuple[tuple[str, str], ...], steps: Sequence[Step]) -> None:
+    for name, source in sources:
+        if step_reference(source) is None:
+            raise SpecError(f'[output.from] {name} = "{source}" must be "STEP.OUTPUT" (for '
+                            f'example "step1.output0")')
+        _check_earlier(source, f"[output.from] {name}", steps, after="in the program")
+
+
+_NAME = re.compile(r"[A-Za-z_]\w*")
 
 
 def _parse_device(table: dict, base: Path) -> DeviceSpec:
@@ -280,15 +376,17 @@ def _parse_device(table: dict, base: Path) -> DeviceSpec:
 
 def _parse_input(table: dict, base: Path) -> InputSpec:
     _check_keys(table, _fields(InputSpec), "[input]")
-    file = base / _require(table, "file", "[input]", str)
+    file = _anchored(base, _require(table, "file", "[input]", str))
     batch_size = _integer(table, "batch_size", "[input]", InputSpec.batch_size, minimum=1)
     datasets = _datasets(table, "[input.datasets]")
-    return InputSpec(file=file, datasets=datasets, batch_size=batch_size)
+    preprocess = _function(table, "preprocess", "[input]")
+    return InputSpec(file=file, datasets=datasets, batch_size=batch_size, preprocess=preprocess)
 
 
 def _parse_output(table: dict, base: Path) -> OutputSpec:
-    _check_keys(table, _fields(OutputSpec), "[output]")
-    file = base / _require(table, "file", "[output]", str)
+    _check_keys(table, [key for key in _fields(OutputSpec) if key != "sources"] + ["from"],
+                "[output]")
+    file = _anchored(base, _require(table, "file", "[output]", str))
     datasets = _datasets(table, "[output.datasets]")
     names = [name for name, _ in datasets]
     paths = [p for _, p in datasets]
@@ -306,7 +404,21 @@ def _parse_output(table: dict, base: Path) -> OutputSpec:
     if compression not in ("", "lzf", "gzip") and not re.fullmatch(r"gzip:[0-9]", str(compression)):
         raise SpecError(f'[output] compression must be "", "lzf", "gzip" or "gzip:0".."gzip:9", '
                         f"got {compression!r}")
-    return OutputSpec(file=file, datasets=datasets, combine=combine, compression=compression)
+    postprocess = _function(table, "postprocess", "[output]")
+    sources = table.get("from", {})
+    if not isinstance(sources, dict) or not all(isinstance(v, str) for v in sources.values()):
+        raise SpecError(f'[output.from] must be a table of output name = "STEP.OUTPUT", '
+                        f"got {sources!r}")
+    for name in sources:
+        if name not in names:
+            raise SpecError(f"[output.from] {name}: no such output; outputs are: {', '.join(names)}")
+    if sources and len(sources) != len(names):
+        missing = [name for name in names if name not in sources]
+        raise SpecError(f"[output.from] must name where every output comes from; "
+                        f"{', '.join(missing)} missing")
+    return OutputSpec(file=file, datasets=datasets, combine=combine, compression=compression,
+                      postprocess=postprocess,
+                      sources=tuple((name, sources[name]) for name in names) if sources else ())
 
 
 def _parse_run(table: dict) -> RunSpec:
@@ -370,6 +482,18 @@ def _choice(table: dict, key: str, where: str, choices, default: str) -> str:
     return value
 
 
+def _function(table: dict, key: str, where: str) -> str:
+    """A module:function key (spmdinfer.hooks imports it), or "" when absent."""
+    text = table.get(key, "")
+    if text != "" and not (isinstance(text, str) and _FUNCTION.fullmatch(text)):
+        raise SpecError(f'{where} {key} must name a function as "module:function" (for example '
+                        f'"prep:normalise"), got {text!r}')
+    return text
+
+
+_FUNCTION = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*")
+
+
 def _datasets(table: dict, where: str) -> tuple[tuple[str, str], ...]:
     datasets = table.get("datasets")
     if not isinstance(datasets, dict) or not datasets:
@@ -396,4 +520,21 @@ def _template(text: str, key: str, base: Path) -> str:
                             f"fields, got {{{name}{'!' + conversion if conversion else ''}"
                             f"{':' + spec if spec else ''}}} in {text!r}")
     escaped = str(base).replace("{", "{{").replace("}", "}}")
-    return text if Path(text).is_absolute() else str(Path(escaped) / text)
+    return _folded(str(text if Path(text).is_absolute() else Path(escaped) / text))
+
+
+def _anchored(base: Path, text: str) -> Path:
+    """`text` relative to `base` (the job file's folder), with `.` and `..` folded away, so
+    that messages name the file plainly; kept as written where a `..` follows a symbolic
+    link (folding it would name another file)."""
+    return Path(_folded(str(base / text)))
+
+
+def _folded(path: str) -> str:
+    """`path` with `.` and `..` folded, unless a `..` in it follows a symbolic link."""
+    parts = Path(path).parts
+    last = max((i for i, part in enumerate(parts) if part == ".."), default=-1)
+    if any(os.path.islink(os.path.join(*parts[:k + 1])) for k in range(last)
+           if parts[k] not in (".", "..")):
+        return path
+    return os.path.normpath(path)

@@ -22,6 +22,7 @@ the folders this run made.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import os
 import time
@@ -31,16 +32,27 @@ from . import __version__, backends, cluster, topology
 from .backends import Placement
 from .collector import Collector
 from .comm import Channel
-from .data import InputField, InputReader, OutputWriter
+from .input import InputField, InputReader
+from .output import OutputWriter
 from .errors import BackendError, SpmdinferError
 from .failure import reported
+from .hooks import Hook, load_hooks, preprocessed_fields, schema_of
 from .journal import Journal, OutputLock, fingerprint, parts_folder
 from .log import log, setup_logging
-from .program import Program, check_output_count
+from .program import Program, check_output_count, output_note
 from .progress import Progress
 from .spec import JobSpec
 from .topology import Layout, RankInfo, physical_device
 from .validate import check_manifest, open_checked, read_manifest, sha256_of
+
+
+def _phase(method):
+    """A start-up phase: its seconds go to this rank's metrics (`startup_seconds`)."""
+    @functools.wraps(method)
+    def timed(self, *args, **kwargs):
+        with self.world.recorder.phase(method.__name__):
+            return method(self, *args, **kwargs)
+    return timed
 
 
 class Startup:
@@ -63,7 +75,10 @@ class Startup:
         self.counted: list[int] = []   # batches whose attempt this run counted
         self.closers = contextlib.ExitStack()  # what a phase opened: see `close`
         self.cluster: cluster.Membership | None = None
+        self.pre: Hook | None = None    # the job's preprocess, on each stage-0 leader
+        self.post: Hook | None = None   # the job's postprocess, on rank 0
 
+    @_phase
     def discover(self) -> RankInfo:
         """Who this rank is (collective: the ranks of each node find each other)."""
         info = topology.discover(self.world.comm, self.spec)
@@ -73,6 +88,7 @@ class Startup:
         log.info("%s pid=%d", info, os.getpid())
         return info
 
+    @_phase
     def preflight(self) -> tuple[list[InputField], int, bool]:
         """Rank 0 checks every file and dataset and takes the output's lock before any rank
         loads a model; with --resume, a complete output means there is nothing to do."""
@@ -82,7 +98,13 @@ class Startup:
                 output = self.spec.output.file
                 done = self.resume and output.is_file() and not parts_folder(output).exists()
                 self.reader = open_checked(self.spec, self.overwrite or done)
-                plan = (self.reader.fields, self.reader.rows, done)
+                fields = self.reader.fields
+                if not done:
+                    self.pre, self.post = load_hooks(self.spec)
+                    if self.pre is not None:  # the model gets what the preprocess returns
+                        fields = preprocessed_fields(self.pre, self.reader,
+                                                     self.spec.input.batch_size)
+                plan = (fields, self.reader.rows, done)
                 self._lock()
             except SpmdinferError as exc:
                 error = exc
@@ -95,6 +117,7 @@ class Startup:
         self.lock = OutputLock(output)
         self.lock.acquire()
 
+    @_phase
     def check_devices(self) -> None:
         """No two ranks on one node would use the same device; checked before any model loads."""
         target = self.spec.device.target
@@ -102,6 +125,7 @@ class Startup:
                                                 physical_device(target, self.info.device_id)))
         self.world.agree(shared_device(devices, target))
 
+    @_phase
     def form_cluster(self) -> None:
         """Join this rank's MindSpore cluster where its model instance's slices communicate
         inside their graphs (collective; a no-op for independent slices)."""
@@ -119,10 +143,11 @@ class Startup:
             self.collector.writer.temp_path.unlink(missing_ok=True)
         self.release()
 
+    @_phase
     def load(self, fields: list[InputField]) -> tuple[Program, list]:
         """Every rank loads its graphs and binds them to what its stage receives."""
         info, layout, model = self.info, self.layout, self.spec.model
-        error, code, identity, program = None, 0, None, None
+        error, code, identity, program, notes = None, 0, None, None, []
         paths = model.graph_paths(info.model_rank)
         try:
             name = backends.resolve(model.backend, paths[0])
@@ -140,9 +165,18 @@ class Startup:
                 batch = fields
             else:
                 batch = [] if model.handoff == "graph" else None
-            program = Program(sessions, paths, self.spec.steps, batch)
+            if layout.stage == 0 and layout.stage_rank == 0 and self.spec.input.preprocess \
+                    and self.pre is None:  # another replica's leader: it reads its own batches
+                self.pre = Hook.load("[input] preprocess", self.spec.input.preprocess,
+                                     self.spec.path.parent)
+                self.pre.schema = schema_of(fields)
+            last = layout.stage == layout.stages - 1
+            program = Program(sessions, paths, self.spec.steps, batch,
+                              self.spec.output.sources if last else ())
+            notes = program.notes
             if layout.stage == layout.stages - 1:
                 check_output_count(program.outputs(), self.spec.output_names, paths[-1])
+                notes = notes + [output_note(program.outputs(), self.spec.output_names, paths[-1])]
             digests = [sha256_of(p) for p in paths]
             if model.sha256:
                 manifest = read_manifest(Path(model.sha256))
@@ -152,6 +186,11 @@ class Startup:
         except Exception as exc:
             error, code = reported(exc, info)
         self.world.agree(error, code)
+        # Named by the job's path templates, so that every rank's note on its own slice reads alike.
+        notes = [_templated(n, paths, model.files) for n in notes if n]
+        noted = self.world.gather_objects(notes)
+        for note in dict.fromkeys(n for ranks in noted or () for n in ranks):
+            log.warning("%s", note)  # rank 0, once for all the ranks whose slices say the same
         identities = self.world.allgather_objects(identity)
         if self.world.is_root:
             log.info("backend %s %s", identity[2], identity[3])
@@ -159,6 +198,7 @@ class Startup:
             self.reader = InputReader(self.spec.input)  # every replica leader reads its own batches
         return program, identities
 
+    @_phase
     def schedule(self, identities: list, rows: int, starts: list[int]) -> list[int]:
         """Rank 0 opens the journal (checking a resumed run's identity); every rank learns
         which batches are still to do."""
@@ -187,6 +227,7 @@ class Startup:
             "input": fingerprint(self.spec.input.file),
         }
 
+    @_phase
     def start_collector(self, rows: int, identities: list, batches: int) -> None:
         """Rank 0 opens the output's temporary file and starts committing finished batches,
         also while it waits for its peers."""
@@ -194,7 +235,9 @@ class Startup:
             writer = OutputWriter(self.spec.output, rows, self.spec.input.batch_size,
                                   self._provenance(identities, rows, batches))
             self.collector = Collector(self.world, self.journal, writer, self.lock, self.layout,
-                                       Progress(rows, self.show_progress), self.spec.input.batch_size)
+                                       Progress(rows, self.show_progress),
+                                       self.spec.input.batch_size, self.spec.output.datasets,
+                                       self.post)
             self.world.idle = self.collector.poll
 
     def _provenance(self, identities, rows: int, batches: int) -> dict:
@@ -245,6 +288,13 @@ class Startup:
             except OSError:
                 break
         self.made_dirs = []
+
+
+def _templated(note: str, paths: list[Path], templates: tuple[str, ...]) -> str:
+    """`note` with this rank's slice files named by the job's templates (`.../net{rank}.mindir`)."""
+    for path, template in zip(paths, templates):
+        note = note.replace(str(path), template.replace("{{", "{").replace("}}", "}"))
+    return note
 
 
 def shared_device(devices: list[tuple[str, str | None]], target: str) -> BackendError | None:

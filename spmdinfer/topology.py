@@ -1,10 +1,12 @@
-"""Who am I: one object with this process's rank, node, device and thread count."""
+"""Who am I: one object with this process's rank, node, device and thread count; and what
+this node gives it (memory, the ranks the launcher put beside it)."""
 
 from __future__ import annotations
 
 import os
 import socket
 from dataclasses import dataclass
+from pathlib import Path
 
 from .errors import WorldSizeError
 from .spec import DeviceSpec, JobSpec
@@ -12,6 +14,8 @@ from .spec import DeviceSpec, JobSpec
 # Launchers that export the node-local rank, in the order they are trusted.
 LOCAL_RANK_VARIABLES = ("SLURM_LOCALID", "OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID",
                         "PMI_LOCAL_RANK")
+# Launchers that export how many ranks share this node, in the order they are trusted.
+LOCAL_SIZE_VARIABLES = ("OMPI_COMM_WORLD_LOCAL_SIZE", "MPI_LOCALNRANKS", "SLURM_NTASKS_PER_NODE")
 # Launchers that export the global rank; read only to print once before MPI starts.
 WORLD_RANK_VARIABLES = ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK", "SLURM_PROCID")
 
@@ -216,3 +220,62 @@ def _shared_split_type() -> int:
     from mpi4py import MPI
 
     return MPI.COMM_TYPE_SHARED
+
+
+def available_memory() -> int | None:
+    """Bytes of memory available to this process: MemAvailable (else free pages), capped
+    by the memory limit of its cgroup where one is set; None when unknown."""
+    available = None
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    available = int(line.split()[1]) * 1024
+                    break
+    except (OSError, ValueError, IndexError):
+        pass
+    if available is None:
+        try:
+            available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (OSError, ValueError, AttributeError):
+            return None
+    limit = cgroup_memory_limit()
+    return available if limit is None else min(available, limit)
+
+
+def cgroup_memory_limit() -> int | None:
+    """The memory limit of this process's cgroup (v2 memory.max, v1 limit_in_bytes), or None.
+
+    A Slurm job or a container sees the whole node in /proc/meminfo, but may only use
+    its cgroup's limit.
+    """
+    try:
+        with open("/proc/self/cgroup") as cgroups:
+            lines = [line.rstrip("\n").split(":", 2) for line in cgroups]
+    except OSError:
+        return None
+    candidates = []
+    for _, controllers, path in (parts for parts in lines if len(parts) == 3):
+        relative = path.lstrip("/")
+        if controllers == "":
+            candidates += [Path("/sys/fs/cgroup", relative, "memory.max"),
+                           Path("/sys/fs/cgroup/memory.max")]
+        elif "memory" in controllers.split(","):
+            candidates += [Path("/sys/fs/cgroup/memory", relative, "memory.limit_in_bytes"),
+                           Path("/sys/fs/cgroup/memory/memory.limit_in_bytes")]
+    for candidate in candidates:
+        try:
+            text = candidate.read_text().strip()
+        except OSError:
+            continue
+        return int(text) if text.isdigit() else None  # "max": no limit
+    return None
+
+
+def launcher_ranks_on_node() -> int:
+    """How many ranks the launcher started on this node; 1 when it does not say."""
+    for name in LOCAL_SIZE_VARIABLES:
+        value = os.environ.get(name, "")
+        if value.isdigit() and int(value) > 0:
+            return int(value)
+    return 1

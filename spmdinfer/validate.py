@@ -8,20 +8,32 @@ import shutil
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
-from .data import InputReader, check_output_path
+import numpy as np
+
+from .hooks import load_hooks, preprocessed_fields
+from .input import InputReader
+from .output import check_output_path
 from .errors import BackendError, SpmdinferError
+from .journal import parts_folder
 from .spec import JobSpec
 
 
 @dataclass(frozen=True)
 class Preflight:
-    """What the checks found: the job is runnable with these numbers."""
+    """What the checks found: the job is runnable with these numbers; `output` says what
+    `run` would do with the output, and `refusal` why `run` with the same flags would not
+    start (None: it would)."""
 
     ranks: int
     rows: int
     batches: int
     inputs: list
+    output: str = ""
+    refusal: str | None = None
+    slices: str = ""  # what the slices' declared inputs and outputs showed
+    undeclared: tuple[int, ...] = ()  # model ranks whose last graph declares no outputs
 
     def __str__(self) -> str:
         inputs = "; ".join(f"{f.name} <- {f.describe()}" for f in self.inputs)
@@ -43,14 +55,137 @@ def open_checked(spec: JobSpec, overwrite: bool) -> InputReader:
     return InputReader(spec.input)
 
 
-def validate(spec: JobSpec, overwrite: bool = False) -> Preflight:
-    """Run every check that needs no MPI and no model; raise SpmdinferError on the first problem."""
-    reader = open_checked(spec, overwrite)
+def validate(spec: JobSpec, overwrite: bool = False, resume: bool = False) -> Preflight:
+    """Run every check that needs no MPI and no model; raise SpmdinferError on the first problem.
+
+    An existing output (or a stopped run's parts) is not a problem of the job: the checks go
+    on, and the result says what `run` with these flags would do with it."""
+    reader = open_checked(spec, overwrite=True)
     try:
         batch = spec.input.batch_size
-        return Preflight(spec.model.ranks, reader.rows, -(-reader.rows // batch), reader.fields)
+        pre, _ = load_hooks(spec)
+        fields = reader.fields if pre is None else preprocessed_fields(pre, reader, batch)
+        slices, undeclared = check_declared(spec, fields)
+        output, refusal = output_outcome(spec.output.file, overwrite, resume)
+        return Preflight(spec.model.ranks, reader.rows, -(-reader.rows // batch), fields,
+                         output, refusal, slices, tuple(undeclared))
     finally:
         reader.close()
+
+
+def check_declared(spec: JobSpec, fields: list) -> tuple[str, list[int]]:
+    """Bind every model rank's graphs to what its stage receives, as `run` does at load, from
+    what the slice files declare (their signatures: no model is loaded): dtypes and row
+    shapes of the datasets, the number of outputs, and each combine against the rank of the
+    output it combines. Raise the error `run` would; return what was found, and the model
+    ranks whose last graph declares no outputs."""
+    from .inspect import declared
+    from .program import Program, check_output_count
+
+    model = spec.model
+    undeclared = []
+    for rank in range(model.ranks):
+        paths = model.graph_paths(rank)
+        sessions = [_Declared(*declared(path)) for path in paths]
+        stage = rank // model.ranks_per_stage
+        inputs = fields if stage == 0 else ([] if model.handoff == "graph" else None)
+        last = stage == model.stages - 1
+        program = Program(sessions, paths, spec.steps, inputs, spec.output.sources if last else ())
+        if last:
+            outputs = program.outputs()
+            check_output_count(outputs, spec.output_names, paths[-1])
+            if not outputs:
+                undeclared.append(rank)
+            for name, combine, tensor in zip(spec.output_names, spec.output.combine, outputs):
+                check_combine(name, combine, tensor, paths[-1])
+    if not undeclared:
+        return f"the declared inputs and outputs of all {model.ranks} model rank(s) fit", []
+    return (f"the declared inputs of all {model.ranks} model rank(s) fit; model rank(s) "
+            f"{', '.join(map(str, undeclared))} declare no outputs (MindIR tuple outputs), so "
+            "their outputs are not checked here (--deep learns them)"), undeclared
+
+
+def learn_outputs(spec: JobSpec, fields: list, ranks: Sequence[int]) -> str:
+    """For --deep: the outputs of the slices that do not declare them, learned from one
+    predict of one zero row on CPU (MindSpore, one slice at a time), then checked as
+    declared ones are. A slice that communicates inside its graph cannot run alone, and a
+    later stage's inputs are another stage's outputs: those are left to the run."""
+    from .backends import Placement, TensorInfo, open_session
+    from .cluster import slice_collectives
+    from .program import Program, check_output_count
+
+    model, learned, left, failed = spec.model, [], [], []
+    for rank in ranks:
+        paths = model.graph_paths(rank)
+        if model.stages > 1 or any(slice_collectives(spec, rank).values()):
+            left.append(rank)
+            continue
+        try:
+            sessions = [open_session("mindspore", path, Placement("cpu", None, rank, 1), {})
+                        for path in paths]
+            program = Program(sessions, paths, spec.steps, fields, spec.output.sources)
+            arrays = program.predict([np.zeros((1,) + f.row_shape, np.dtype(f.dtype))
+                                      for f in fields])
+        except Exception as exc:  # an op this CPU build lacks, a graph that needs more rows
+            failed.append(f"{rank} ({str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__})")
+            continue
+        outputs = [TensorInfo(f"output{i}", (None,) + a.shape[1:], a.dtype)
+                   for i, a in enumerate(arrays)]
+        check_output_count(outputs, spec.output_names, paths[-1])
+        for name, combine, tensor in zip(spec.output_names, spec.output.combine, outputs):
+            check_combine(name, combine, tensor, paths[-1])
+        learned.append(f"{rank}: " + ", ".join(str(o) for o in outputs))
+    found = []
+    if learned:
+        found.append("outputs learned from a one-row predict on CPU, and they fit: model rank "
+                     + "; ".join(learned))
+    if left:
+        found.append(f"model rank(s) {', '.join(map(str, left))}: outputs not declared, and the "
+                     "graph cannot run alone (collectives, or a later stage): checked at run")
+    if failed:
+        found.append(f"model rank(s) {', '.join(failed)}: a one-row predict on CPU failed, so "
+                     "their outputs are checked at run")
+    return "; ".join(found)
+
+
+def check_combine(name: str, combine, tensor, path: Path) -> None:
+    """A concat must name an axis other than the rows that the declared output has."""
+    if combine.mode != "concat" or tensor.shape is None:
+        return
+    ndim, axis = len(tensor.shape), combine.axis
+    if not -ndim <= axis < ndim or axis % ndim == 0:
+        raise BackendError(f"[output.combine] {name} = \"{combine}\": slice {path} declares "
+                           f"output {tensor}, with {ndim} dimension(s) (axis 0 is the rows); "
+                           f"concat takes an axis from 1 to {ndim - 1} or -{ndim - 1} to -1")
+
+
+def output_outcome(output: Path, overwrite: bool, resume: bool) -> tuple[str, str | None]:
+    """What `run` with these flags does with `output` (as its preflight and journal decide):
+    a line saying so, and the one-line refusal when it would not start (else None)."""
+    parts = parts_folder(output)
+    stopped, complete = parts.exists(), output.is_file()
+    if overwrite:
+        if complete and not stopped:
+            return f"{output} exists: `run --overwrite` replaces it once the new one is complete", None
+        if stopped:
+            there = " and ".join(str(p) for p, here in ((output, complete), (parts, stopped)) if here)
+            return f"{there} exist(s): `run --overwrite` starts again", None
+        return f"{output} will be written", None
+    if complete:
+        if resume and not stopped:
+            return f"{output} exists and is complete: `run --resume` has nothing to do", None
+        beside = f" (a partial run's {parts} is beside it)" if stopped else \
+            " (with --resume, a complete output means nothing to do)"
+        return (f"{output} exists: `run` refuses it",
+                f"[output] file {output} exists; pass --overwrite to replace it{beside}")
+    if stopped:
+        if resume:
+            return (f"a partial run left {parts}: `run --resume` continues it (once it has "
+                    "checked that the job, the slices and the input are the ones that made it)"), None
+        return (f"a partial run left {parts}: `run` refuses it",
+                f"[output] file {output}: a partial run left {parts}; pass --resume to continue "
+                "it or --overwrite to start again")
+    return f"{output} will be written", None
 
 
 def read_manifest(path: Path) -> dict[Path, str]:
@@ -118,16 +253,15 @@ def mpi_family(text: str | None) -> str | None:
 
 
 def validate_deep(spec: JobSpec, world: int | None = None, per_node: int | None = None,
-                  overwrite: bool = False) -> list[str]:
+                  overwrite: bool = False, resume: bool = False) -> tuple[Preflight, list[str]]:
     """Everything `validate` checks, plus the layout for a world size, the sha256 manifest,
     devices per node, the MPI library against the launcher, and every stage-0 slice's declared
-    inputs against the datasets (read one slice at a time). Returns what was checked."""
-    from .inspect import declared
+    inputs against the datasets (read one slice at a time). Returns validate's Preflight and
+    what was checked."""
     from .plan import plan, shared_devices
-    from .program import Program, check_output_count
 
-    found = validate(spec, overwrite)
-    lines = [f"files and datasets: {found}"]
+    preflight = validate(spec, overwrite, resume)
+    lines = [f"files and datasets: {preflight}"]
     world = world or launcher_world() or spec.model.ranks
     rows = plan(spec, world, per_node)
     clashes = shared_devices(rows)
@@ -150,20 +284,9 @@ def validate_deep(spec: JobSpec, world: int | None = None, per_node: int | None 
                              "MPI mpi4py was built against")
     lines.append(f"MPI: mpi4py loads {library.splitlines()[0].strip()}; mpiexec on PATH: "
                  f"{launcher_family or 'not found'}")
-    fields = InputReader(spec.input)
-    try:
-        batch = fields.fields
-    finally:
-        fields.close()
-    for rank in range(model.ranks):
-        paths = model.graph_paths(rank)
-        sessions = [_Declared(*declared(path)) for path in paths]
-        stage = rank // model.ranks_per_stage
-        inputs = batch if stage == 0 else ([] if model.handoff == "graph" else None)
-        program = Program(sessions, paths, spec.steps, inputs)
-        if stage == model.stages - 1:
-            check_output_count(program.outputs(), spec.output_names, paths[-1])
-    lines.append(f"slices: the declared inputs and outputs of all {model.ranks} model rank(s) fit")
+    lines.append(f"slices: {preflight.slices}")
+    if preflight.undeclared:
+        lines.append(f"outputs: {learn_outputs(spec, preflight.inputs, preflight.undeclared)}")
     from .backends import resolve
     from .cluster import plan_cluster, slice_collectives
 
@@ -171,7 +294,7 @@ def validate_deep(spec: JobSpec, world: int | None = None, per_node: int | None 
     cluster = plan_cluster(spec, resolve(model.backend, model.slice_path(0)), found)
     lines.append(f"collectives: {cluster}" if cluster else
                  "collectives: none inside the graphs (independent slices, combined on the host)")
-    return lines
+    return preflight, lines
 
 
 class _Declared:

@@ -124,6 +124,22 @@ class StepGraph(nn.Cell):
         return 0.5 * h + x[:, :4]
 
 
+class ZeroColumn(nn.Cell):
+    """The start of a counting loop: h = 0, one column per row."""
+
+    def construct(self, x):
+        return x[:, :1] * 0
+
+
+class CountTo(nn.Cell):
+    """One repeat of a counting loop: h' = h + 1, and stop = 1 once h' reaches the row's
+    limit x[:, 0] (a generation step: a token per repeat, then an end token)."""
+
+    def construct(self, h, x):
+        h = h + 1
+        return h, ops.cast(h >= x[:, :1], mindspore.int32)
+
+
 class Constant(nn.Cell):
     """A graph with no inputs (a later stage in graph handoff): returns a fixed (B, m) tensor."""
 

@@ -12,8 +12,9 @@ import h5py
 import numpy as np
 import pytest
 
-from spmdinfer.data import (InputField, InputReader, available_memory, check_batch_memory,
-                            check_output_path, launcher_ranks_on_node)
+from spmdinfer.input import InputField, InputReader, check_batch_memory
+from spmdinfer.output import check_output_path
+from spmdinfer.topology import available_memory, launcher_ranks_on_node
 from spmdinfer.errors import DataError
 from spmdinfer.spec import InputSpec, OutputSpec
 from tests.conftest import assert_clean_error, matmul_job, read_h5, run_cli, write_h5, write_job

@@ -170,6 +170,42 @@ def test_validate_accepts_a_good_job_without_mpi_or_mindspore(job_dir):
     assert "ok: 2 rank(s), 10 rows in 3 batch(es)" in result.stdout
 
 
+def test_validate_says_what_run_would_do_with_an_existing_output(job_dir):
+    """An output from an earlier run does not stop validate: every other check runs, and it
+    says what `run` would do with the output; exit 2 where `run` with the same flags would
+    refuse it."""
+    folder, doc = job_dir
+    job = write_job(folder, doc)
+    out = folder / "out" / "result.h5"
+    out.parent.mkdir()
+    out.write_bytes(b"precious")
+    assert_clean_error(run_cli("validate", job), f"[output] file {out} exists; pass --overwrite",
+                       "every other check passed")
+    for flag, says in (("--overwrite", "`run --overwrite` replaces it once the new one is complete"),
+                       ("--resume", "`run --resume` has nothing to do")):
+        result = run_cli("validate", job, flag)
+        assert result.returncode == 0 and f"output: {out} exists" in result.stdout, result.stderr
+        assert says in result.stdout and "ok: 2 rank(s), 10 rows" in result.stdout
+    broken = dict(doc, input={**doc["input"], "datasets": {"x": "/nope"}})
+    assert_clean_error(run_cli("validate", write_job(folder, broken, name="broken.toml")),
+                       "no such dataset")
+    out.unlink()  # now a stopped run's parts, one batch committed
+    journal = Journal.open(out, {}, resume=False, overwrite=False)
+    journal.commit(0, [np.zeros((4, 4), np.float32)])
+    journal.close()
+    assert_clean_error(run_cli("validate", job), "a partial run left",
+                       "pass --resume to continue it or --overwrite to start again")
+    result = run_cli("validate", job, "--resume")
+    assert result.returncode == 0 and "`run --resume` continues it" in result.stdout, result.stderr
+    assert Journal.open(out, {}, resume=True, overwrite=False).committed() == {0}  # untouched
+    out.write_bytes(b"precious")  # the parts and a complete output: --resume refuses, as run does
+    assert_clean_error(run_cli("validate", job, "--resume"), f"[output] file {out} exists",
+                       "a partial run's")
+    result = run_cli("validate", job, "--overwrite")
+    assert result.returncode == 0 and "exist(s): `run --overwrite` starts again" in result.stdout
+    assert "exit codes" in run_cli("validate", "--help").stdout
+
+
 @pytest.mark.parametrize("breakage, needle", [
     (lambda doc: doc["model"].update(ranks=9), "slice of model rank 8 not found"),
     (lambda doc: doc["input"].update(datasets={"x": "/nope"}), "no such dataset"),
@@ -187,3 +223,6 @@ def test_help_and_import_start_nothing():
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
     result = run_cli("--help")
     assert result.returncode == 0 and "run" in result.stdout and "validate" in result.stdout
+    result = run_cli("run", "--help")
+    codes = result.stdout.split("exit codes", 1)[1]
+    assert result.returncode == 0 and all(f"\n  {c} " in codes for c in (0, 1, 2, 75)), result.stdout

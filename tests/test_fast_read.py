@@ -13,8 +13,8 @@ import h5py
 import numpy as np
 import pytest
 
-from spmdinfer import data
-from spmdinfer.data import InputReader
+from spmdinfer import direct_io
+from spmdinfer.input import InputReader
 from spmdinfer.errors import DataError
 from spmdinfer.spec import InputSpec
 
@@ -241,7 +241,7 @@ def test_user_block_before_the_hdf5_data(tmp_path, calls):
         f.create_dataset("c", data=random_rows((300, 8), np.float32))
         f.create_dataset("k", data=random_rows((300, 8), np.float32, seed=3), chunks=(50, 8))
         f.create_dataset("empty", shape=(300, 8), dtype=np.float32, fillvalue=2.5)
-    direct_chunks = h5py.version.hdf5_version_tuple >= data.CHUNK_ADDRESSES_INCLUDE_USERBLOCK
+    direct_chunks = h5py.version.hdf5_version_tuple >= direct_io.CHUNK_ADDRESSES_INCLUDE_USERBLOCK
     reader = open_reader(path, ("/c", "/k", "/empty"))
     try:
         # unallocated contiguous storage: H5Dget_offset says 4095 here, not None
@@ -253,7 +253,7 @@ def test_user_block_before_the_hdf5_data(tmp_path, calls):
 
 
 def test_rows_read_in_any_order(tmp_path, calls, monkeypatch):
-    monkeypatch.setattr(data, "DIRECT_SCAN_CHUNKS", 2)  # learn chunk addresses in small steps
+    monkeypatch.setattr(direct_io, "DIRECT_SCAN_CHUNKS", 2)  # learn chunk addresses in small steps
     path = write(tmp_path / "in.h5", {"x": random_rows((1000, 4), np.int64)}, chunks=(7, 4))
     starts = [960, 0, 500, 64, 999, 3, 128]
     assert read_and_compare(path, starts=starts) == len(starts)
@@ -261,10 +261,10 @@ def test_rows_read_in_any_order(tmp_path, calls, monkeypatch):
 
 
 def test_many_chunks_are_learned_in_growing_scans(tmp_path, calls, monkeypatch):
-    monkeypatch.setattr(data, "DIRECT_SCAN_CHUNKS", 8)
+    monkeypatch.setattr(direct_io, "DIRECT_SCAN_CHUNKS", 8)
     scans = []
-    real_scan = data.DirectRows._scan
-    monkeypatch.setattr(data.DirectRows, "_scan",
+    real_scan = direct_io.DirectRows._scan
+    monkeypatch.setattr(direct_io.DirectRows, "_scan",
                         lambda self, upto: (scans.append(upto), real_scan(self, upto))[1])
     path = write(tmp_path / "in.h5", {"x": random_rows((5000, 2), np.float32)}, chunks=(3, 2))
     assert read_and_compare(path, batch_size=64) == 79
@@ -351,20 +351,22 @@ def test_compact_storage_falls_back_to_h5py(tmp_path, calls):
 
 
 @pytest.mark.parametrize("chunks", [None, (48, 16)])
-def test_big_endian_is_copied_as_is_into_a_big_endian_buffer_else_converted(tmp_path, calls,
-                                                                             chunks):
+def test_big_endian_is_read_directly_into_either_byte_order(tmp_path, calls, chunks):
+    """A big-endian dataset's field is in this machine's order (what the model gets): its
+    buffers are filled by the direct path and swapped in place; a buffer in the file's own
+    order gets the bytes as they are. Neither goes through h5py."""
     rows = random_rows((1000, 16), np.float32).astype(">f4")
     path = write(tmp_path / "in.h5", {"x": rows}, chunks=chunks)
     reader = open_reader(path)
     try:
-        assert reader.fields[0].dtype == ">f4"
+        assert reader.fields[0].dtype == np.dtype("=f4").str and reader.fields[0].stored == ">f4"
         assert reader.direct == [True]
-        assert read_and_compare(path, reader=reader) == 16   # the field's own >f4 buffers
+        assert read_and_compare(path, reader=reader) == 16   # the field's own buffers
         assert (calls.preadv, calls.h5py) == (16, 0)
         calls.reset()
-        native = [np.empty((64, 16), np.float32)]
-        read_and_compare(path, reader=reader, buffers=native)
-        assert (calls.preadv, calls.h5py) == (0, 16)
+        big = [np.empty((64, 16), ">f4")]
+        read_and_compare(path, reader=reader, buffers=big)
+        assert (calls.preadv, calls.h5py) == (16, 0)
     finally:
         reader.close()
 
@@ -485,7 +487,7 @@ class CountingDataset:
 
 
 def test_the_first_batch_scans_only_the_start_of_the_chunk_index(tmp_path, monkeypatch):
-    monkeypatch.setattr(data, "DIRECT_SCAN_CHUNKS", 8)
+    monkeypatch.setattr(direct_io, "DIRECT_SCAN_CHUNKS", 8)
     path = write(tmp_path / "in.h5", {"x": random_rows((5000, 2), np.float32)}, chunks=(3, 2))
     reader = open_reader(path)
     try:
@@ -517,3 +519,35 @@ def test_a_chunk_stored_short_is_left_to_h5py(tmp_path, calls):
         reader.close()
     assert (calls.preadv, calls.h5py) == (3, 1)
     assert np.array_equal(buffer[:2], np.ones((2, 4), np.float32))
+
+
+@pytest.mark.parametrize("dtype", [">f4", ">f8", ">i4", ">u2", ">c8", "<f4"])
+@pytest.mark.parametrize("options, direct", [
+    ({}, True),                                            # contiguous
+    ({"chunks": (7, 3)}, True),                            # chunked whole rows, no filters
+    ({"chunks": (7, 3), "compression": "gzip", "shuffle": True}, False),
+])
+def test_the_other_byte_order_is_read_as_this_machines(tmp_path, calls, dtype, options, direct):
+    """A dataset stored in the other byte order (as some tools write) holds the same numbers:
+    it is read into buffers of this machine's order, converted by h5py or, on the direct
+    path, copied and swapped in place; the field says so."""
+    stored = np.dtype(dtype)
+    values = random_rows((100, 3), stored.newbyteorder("="), seed=7)
+    path = tmp_path / "in.h5"
+    with h5py.File(path, "w") as f:
+        f.create_dataset("x", data=values.astype(stored), dtype=stored, **options)
+    reader = open_reader(path, batch_size=16)
+    try:
+        (field,) = reader.fields
+        assert np.dtype(field.dtype).isnative and np.dtype(field.dtype) == stored.newbyteorder("=")
+        assert field.stored == ("" if stored.isnative else stored.str)
+        assert ("converted while reading" in field.describe()) == (not stored.isnative)
+        assert reader.direct == [direct]
+        buffer = field.buffer(16)
+        for start in range(0, 100, 16):
+            reader.read(start, min(start + 16, 100), [buffer])
+            assert np.array_equal(buffer[:min(16, 100 - start)], values[start:start + 16])
+    finally:
+        reader.close()
+    if direct:
+        assert calls.h5py == 0 and calls.preadv > 0

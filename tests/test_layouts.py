@@ -119,6 +119,100 @@ def test_two_graph_program_with_repeat_and_feed(tmp_path, program_slices):
     np.testing.assert_allclose(read_h5(tmp_path / "out.h5", "/y"), h, rtol=1e-4, atol=1e-4)
 
 
+def test_outputs_from_any_step_and_inputs_from_an_earlier_one(tmp_path, program_slices):
+    """[output.from] takes outputs from any step; a step's `inputs` take an earlier step's
+    output (not the one just before) and a field of the batch by name."""
+    folder, a = program_slices
+    x = rows_input(tmp_path, 45, 6)
+    doc = job(tmp_path, [str(folder / "init_{rank}.mindir"), str(folder / "step_{rank}.mindir")], 1, 8)
+    doc["steps"] = [{"graph": 0, "name": "init"},
+                    {"graph": 1, "repeat": 3, "feed": {"h": "output0"}, "inputs": {"x": "x"}},
+                    {"graph": 1, "inputs": {"h": "init.output0", "x": "x"}}]
+    doc["output"] = {"file": "out.h5", "datasets": {"h0": "/h0", "loop": "/loop", "once": "/once"},
+                     "from": {"h0": "init.output0", "loop": "step2.output0", "once": "step3.output0"}}
+    path = write_job(tmp_path, doc)
+    shown = ok(run_cli("plan", path, "-n", 2)).stdout
+    assert "  step2: graph 1 3 times; x <- x, h <- output0 of the step before" in shown
+    assert "  step3: graph 1 once; h <- init.output0, x <- x" in shown
+    assert "  outputs: h0 <- init.output0, loop <- step2.output0, once <- step3.output0" in shown
+    described = json.loads(ok(run_cli("plan", path, "-n", 2, "--json")).stdout)["program"]
+    assert [s["name"] for s in described["steps"]] == ["init", "step2", "step3"]
+    ok(run_cli("run", path, n=2))
+    h0 = x @ a
+    loop = h0
+    for _ in range(3):
+        loop = 0.5 * loop + x[:, :4]
+    for name, expected in [("h0", h0), ("loop", loop), ("once", 0.5 * h0 + x[:, :4])]:
+        np.testing.assert_allclose(read_h5(tmp_path / "out.h5", name), expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.fixture(scope="session")
+def counting_slices(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("counting")
+    export_mindir(cells.ZeroColumn(), [dynamic(3)], folder / "zero_0.mindir")
+    export_mindir(cells.CountTo(), [dynamic(1), dynamic(3)], folder / "count_0.mindir")
+    return folder
+
+
+def test_a_repeated_step_collects_its_outputs_until_every_row_stops(tmp_path, counting_slices):
+    """A generation loop: each repeat gives one value per row (h) and an end flag (stop);
+    every repeat's outputs are stacked along axis 1, the loop stops once every row of the
+    batch has given stop = 1, after a row's end the values are padded, and `length` says
+    how many repeats each row took."""
+    rows, most = 23, 5
+    x = np.zeros((rows, 3), np.float32)
+    x[:, 0] = np.arange(rows) % 7 + 1   # row limits 1..7: some stop early, some never;
+    x[:8, 0] = [1, 2, 3, 1, 2, 3, 2, 1]  # the first batch stops after 3 repeats of 5
+    write_h5(tmp_path / "in.h5", {"x": x})
+    doc = job(tmp_path, [str(counting_slices / "zero_{rank}.mindir"),
+                         str(counting_slices / "count_{rank}.mindir")], 1, 8)
+    doc["steps"] = [{"graph": 0},
+                    {"graph": 1, "repeat": most, "feed": {"h": "output0"}, "inputs": {"x": "x"},
+                     "collect": True, "until": {"output": "output1", "equals": 1}}]
+    doc["output"] = {"file": "out.h5", "datasets": {"h": "/h", "stop": "/stop", "n": "/n"},
+                     "from": {"h": "step2.output0", "stop": "step2.output1", "n": "step2.length"}}
+    path = write_job(tmp_path, doc)
+    assert "step2: graph 1 up to 5 times, until every row's output1 holds 1" in \
+        ok(run_cli("plan", path, "-n", 2)).stdout
+    ok(run_cli("run", path, n=2))
+    lengths = np.minimum(x[:, 0], most).astype(np.int32)
+    h, stop, n = (read_h5(tmp_path / "out.h5", name) for name in ("h", "stop", "n"))
+    assert h.shape == (rows, most, 1) and stop.shape == (rows, most, 1) and n.dtype == np.int32
+    np.testing.assert_array_equal(n, lengths)
+    t = np.arange(most)[None, :]
+    np.testing.assert_array_equal(h[:, :, 0], np.where(t < lengths[:, None], t + 1, 0))
+    reached = x[:, :1] <= most  # rows that gave their end flag: 1 there and after
+    np.testing.assert_array_equal(stop[:, :, 0], np.where(t < lengths[:, None] - 1, 0,
+                                                          np.where(reached, 1, 0)))
+
+
+@pytest.mark.parametrize("change, needle, also", [
+    ({"steps": [{"graph": 0}, {"graph": 1, "repeat": 3, "feed": {"h": "output0"},
+                               "until": {"output": "output3", "equals": 1}}]},
+     "[[steps]] step2 until output 'output3': graph 1 (", "has no such output; its outputs: output0"),
+    ({"from": {"y": "step1.output7"}},
+     '[output.from] y = "step1.output7": graph 0 (', "has no output 'output7'; its outputs: output0"),
+    ({"steps": [{"graph": 0}, {"graph": 1, "inputs": {"h": "step1.output0", "x": "q"}}]},
+     '[[steps]] step2 inputs x = "q": the batch has no field \'q\'; it has x', None),
+    ({"steps": [{"graph": 0}, {"graph": 1, "inputs": {"h": "step1.output0"}}]},
+     "[[steps]] step2 (graph 1): input 'x' of ", "comes from nowhere: name it in inputs (or feed)"),
+])
+def test_a_bad_program_is_refused_by_validate_before_any_model_loads(tmp_path, program_slices,
+                                                                   change, needle, also):
+    folder, _ = program_slices
+    rows_input(tmp_path, 5, 6)
+    doc = job(tmp_path, [str(folder / "init_{rank}.mindir"), str(folder / "step_{rank}.mindir")], 1, 8)
+    doc["steps"] = change.get("steps", [{"graph": 0}, {"graph": 1, "feed": {"h": "output0"}}])
+    if "from" in change:
+        doc["output"]["from"] = change["from"]
+    path = write_job(tmp_path, doc)
+    for command in ("validate", "run"):  # run finds it as the program binds, after loading
+        result = run_cli(command, path, env={"SPMDINFER_LOG_LEVEL": "INFO"})
+        assert_clean_error(result, needle, *([also] if also else []))
+        assert command == "run" or "loaded" not in result.stderr
+    assert not (tmp_path / "out.h5").exists()
+
+
 def test_feed_that_names_no_input_is_refused(tmp_path, program_slices):
     folder, _ = program_slices
     rows_input(tmp_path, 5, 6)

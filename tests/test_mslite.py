@@ -15,7 +15,7 @@ import pytest
 from spmdinfer import backends
 from spmdinfer.backends import Placement, TensorInfo
 from spmdinfer.backends import mslite as mslite_backend
-from spmdinfer.data import InputField
+from spmdinfer.input import InputField
 from spmdinfer.errors import BackendError
 from spmdinfer.program import bind_inputs
 from spmdinfer.runner import run_job

@@ -184,3 +184,34 @@ def test_gpu_target_uses_cuda_on_the_rank_device(onnx_matmul):
     else:
         with pytest.raises(BackendError, match="CUDAExecutionProvider"):
             open_session(onnx_matmul / "slice_0.onnx", gpu, {})
+
+
+@pytest.mark.mpi
+def test_names_that_do_not_match_bind_by_position_with_one_warning(tmp_path):
+    """The job's dataset names differ from the slice's own input and output names: both bind
+    by position, and rank 0 says so once for all the ranks (naming both sides)."""
+    import mindspore
+    from mindspore import onnx
+
+    from tests.cells import MatMulNeg
+
+    for rank in range(2):
+        onnx.export(MatMulNeg(MATMUL_WEIGHT[:, 2 * rank:2 * rank + 2]),
+                    mindspore.Tensor(np.zeros((4, 96), np.float32)),
+                    file_name=str(tmp_path / f"named_{rank}.onnx"), input_names=["x"],
+                    output_names=["scores"], dynamic_axes={"x": {0: "batch"}})
+    x = np.random.default_rng(5).standard_normal((20, 96)).astype(np.float32)
+    write_h5(tmp_path / "in.h5", {"features": x})
+    doc = {"model": {"files": "named_{rank}.onnx", "backend": "onnxruntime", "ranks": 2},
+           "input": {"file": "in.h5", "batch_size": 8, "datasets": {"features": "/features"}},
+           "output": {"file": "out.h5", "datasets": {"y": "/y"}, "combine": {"y": "concat:-1"}}}
+    result = run_cli("run", write_job(tmp_path, doc), "--no-progress", n=2)
+    assert result.returncode == 0, result.stderr
+    warnings = [line for line in result.stderr.splitlines() if "WARNING" in line]
+    assert len(warnings) == 2 and all(w.startswith("[rank 0] WARNING") for w in warnings), warnings
+    assert "[input.datasets] names features but slice" in warnings[0]
+    assert "declares inputs x: bound by position (features -> x)" in warnings[0]
+    assert "[output.datasets] names y but slice" in warnings[1]
+    assert "declares outputs scores: written by position (scores -> y)" in warnings[1]
+    np.testing.assert_allclose(read_h5(tmp_path / "out.h5", "/y"), -(x @ MATMUL_WEIGHT[:, :4]),
+                               rtol=1e-5, atol=1e-5)

@@ -5,7 +5,7 @@ import h5py
 import numpy as np
 import pytest
 
-from spmdinfer.data import MAX_CHUNK_BYTES, OutputWriter
+from spmdinfer.output import MAX_CHUNK_BYTES, OutputWriter
 from spmdinfer.spec import OutputSpec
 
 

@@ -164,7 +164,7 @@ def test_signal_stops_at_a_batch_boundary_then_resume(reference, tmp_path, signu
         assert run.returncode == 1, stderr
     else:
         assert run.returncode == EXIT_STOPPED, stderr
-        assert "stopped early" in stderr and "--resume" in stderr
+        assert "stopped early" in stderr and f"continue with: spmdinfer run {job} --resume" in stderr
         assert stderr.count(f"received {signum.name}") == 1, stderr  # rank 0's line alone
         assert not (tmp_path / "out" / "result.h5").exists()
         assert 20 <= committed(tmp_path) < ROWS // BATCH

@@ -26,6 +26,18 @@ def test_seed_demo_gives_minus_48(tmp_path):
     assert summary.endswith(str(demo / "out" / "result.h5"))
 
 
+def test_seed_pipeline_gives_minus_96_and_minus_48(tmp_path):
+    """jobs/pipeline as the README runs it: graph 0 on the preprocessed x, graph 1 on y."""
+    demo = tmp_path / "pipeline"
+    shutil.copytree(REPO / "jobs" / "pipeline", demo, ignore=shutil.ignore_patterns("out"))
+    ok(run_cli("run", demo / "job.toml", n=8))
+    with h5py.File(demo / "out" / "result.h5", "r") as f:
+        assert sorted(f) == ["x", "z"]
+        x, z = f["x"][...], f["z"][...]
+    assert x.shape == z.shape == (256, 16) and x.dtype == z.dtype == np.float32
+    assert np.all(x == -96) and np.all(z == -48)
+
+
 def test_eight_ranks_concat_gzip_input_ragged_batches(tmp_path, matmul_slices):
     template, weight = matmul_slices
     x = np.random.default_rng(2).standard_normal((1001, 96)).astype(np.float32)
@@ -131,6 +143,15 @@ def test_metrics_trace_and_plain_progress(tmp_path, matmul_slices):
     for r in metrics["ranks"]:
         assert set(r["seconds"]) == {"load", "read", "bcast", "predict", "combine", "write", "wait"}
         assert r["seconds"]["predict"] > 0 and r["peak_rss_bytes"] > 10_000_000
+        assert 0 < r["loop_cpu_seconds"] < 2 * metrics["wall_seconds"]  # at most 2 cores here
+        phases = r["startup_seconds"]
+        assert list(phases) == ["launch", "discover", "preflight", "check_devices", "form_cluster",
+                                "load", "schedule", "start_collector", "assemble"]
+        assert phases["launch"] > 0 and phases["load"] > 0 and min(phases.values()) >= 0
+        # Rank 0's phases add up to at most its start-up (`load_seconds`); another rank's
+        # start-up may end later than rank 0's (replica 1 starts on its own), never after the run.
+        limit = metrics["load_seconds"] if r["rank"] == 0 else metrics["wall_seconds"]
+        assert sum(phases.values()) - phases["launch"] <= limit + 0.01
     assert metrics["ranks"][0]["seconds"]["write"] > 0 and metrics["ranks"][1]["seconds"]["write"] == 0
     assert metrics["ranks"][2]["seconds"]["read"] > 0  # replica 1's leader reads its own batches
     trace = json.loads((tmp_path / "t.json").read_text())["traceEvents"]
@@ -194,3 +215,28 @@ def test_many_small_batches_on_eight_ranks_in_shared_memory(tmp_path, matmul_sli
         ok(run_cli("run", job, "--overwrite", n=8))
         np.testing.assert_allclose(read_h5(tmp_path / "out" / "result.h5", "/y"), -(x @ weight),
                                    rtol=1e-5, atol=1e-5)
+
+
+def test_a_big_endian_input_gives_the_native_orders_output(tmp_path, matmul_slices):
+    """`>f4` (as some tools write) holds the same numbers as float32: validate says it converts,
+    and the run's output is the native-order file's, byte for byte (contiguous, chunked, gzip)."""
+    template, weight = matmul_slices
+    x = np.random.default_rng(21).standard_normal((29, 96)).astype(np.float32)
+    outputs = []
+    for name, dtype, options in (("native", "<f4", {}), ("big", ">f4", {}),
+                                 ("big-chunked", ">f4", {"chunks": (4, 96)}),
+                                 ("big-gzip", ">f4", {"chunks": (5, 96), "compression": "gzip"})):
+        with h5py.File(tmp_path / f"{name}.h5", "w") as f:
+            f.create_dataset("x", data=x.astype(dtype), dtype=dtype, **options)
+        doc = matmul_job(tmp_path, template, ranks=2, batch_size=8)
+        doc["input"]["file"] = f"{name}.h5"
+        doc["output"]["file"] = f"out/{name}.h5"
+        job = write_job(tmp_path, doc, name=f"{name}.toml")
+        checked = run_cli("validate", job)
+        assert checked.returncode == 0, checked.stderr
+        assert ("stored big-endian (>f4): converted while reading" in checked.stdout) == \
+            (dtype == ">f4")
+        ok(run_cli("run", job, n=2))
+        outputs.append(read_h5(tmp_path / "out" / f"{name}.h5", "/y"))
+    assert all(o.dtype == np.float32 and o.tobytes() == outputs[0].tobytes() for o in outputs)
+    np.testing.assert_allclose(outputs[0], -(x @ weight[:, :4]), rtol=1e-5, atol=1e-5)

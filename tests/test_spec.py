@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from spmdinfer.backends import TensorInfo, predict_in_fixed_batches
-from spmdinfer.data import InputField
+from spmdinfer.input import InputField
 from spmdinfer.errors import BackendError, DataError, SpecError
 from spmdinfer.comm import pack_header, unpack_header
 from spmdinfer.program import bind_inputs
@@ -45,6 +45,24 @@ def test_defaults_and_relative_paths():
     assert spec.model.slice_path(1) == Path("/jobs/demo/model/device1/net.mindir")
     assert spec.output.combine == (Combine("rank0"),)
     assert spec.input.datasets == (("x", "/features"),)
+
+
+def test_paths_are_shown_without_dots():
+    """Messages name files plainly: `bad/../data.h5` is the job folder's data.h5."""
+    text = (BASE.replace('"in.h5"', '"bad/../data.h5"').replace('"out/result.h5"', '"./out/./r.h5"')
+            .replace('"model/device{rank}/net.mindir"', '"../demo/m/{rank}/../net{rank}.mindir"'))
+    spec = parse(text)
+    assert spec.input.file == Path("/jobs/demo/data.h5")
+    assert spec.output.file == Path("/jobs/demo/out/r.h5")
+    assert spec.model.slice_path(1) == Path("/jobs/demo/m/net1.mindir")
+
+
+def test_a_dot_dot_after_a_symbolic_link_is_kept(tmp_path):
+    """`link/../in.h5` is the link target's sibling, not the job folder's in.h5: kept as written."""
+    (tmp_path / "elsewhere" / "sub").mkdir(parents=True)
+    (tmp_path / "link").symlink_to(tmp_path / "elsewhere" / "sub")
+    spec = parse_spec(BASE.replace('"in.h5"', '"link/../in.h5"'), tmp_path / "job.toml")
+    assert spec.input.file == tmp_path / "link" / ".." / "in.h5"
 
 
 def test_full_contract_example_parses():
@@ -91,6 +109,27 @@ y = "concat:-1"
     (BASE + "[[steps]]\ngraph = 0\nrepeat = 0\n", "[[steps]] #1 repeat must be an integer >= 1"),
     (BASE + "[[steps]]\ngraph = 0\nfeed = 3\n", "[[steps]] #1 feed must be a table"),
     (BASE + "[[steps]]\ngraph = 0\nloops = 3\n", "unknown key 'loops' in [[steps]] #1"),
+    (BASE + '[[steps]]\ngraph = 0\ninputs = { x = "step1.output0" }\n',  # a cycle
+     '[[steps]] #1 inputs x = "step1.output0": "STEP.OUTPUT" must name a step that runs before '
+     "this step and one of its outputs; steps before this step: none"),
+    (BASE + '[[steps]]\ngraph = 0\n[[steps]]\ngraph = 0\nname = "step1"\n',
+     "[[steps]] #2 name 'step1': another step has that name"),
+    (BASE + '[[steps]]\ngraph = 0\nname = "two words"\n', "[[steps]] #1 name must be a word"),
+    (BASE + '[[steps]]\ngraph = 0\nfeed = { x = "output0" }\ninputs = { x = "x" }\n',
+     "[[steps]] #1 input 'x' is in both feed and inputs"),
+    (BASE + '[[steps]]\ngraph = 0\nuntil = { output = "output0", equals = 2 }\n',
+     "[[steps]] #1 until needs repeat > 1 (the most repeats), got repeat = 1"),
+    (BASE + '[[steps]]\ngraph = 0\nrepeat = 4\nuntil = { output = "output0" }\n',
+     '[[steps]] #1 until must be { output = "NAME", equals = NUMBER }'),
+    (BASE + '[[steps]]\ngraph = 0\nrepeat = 4\nuntil = { output = "output0", equals = "eos" }\n',
+     "[[steps]] #1 until equals must be a number, got 'eos'"),
+    (BASE + '[[steps]]\ngraph = 0\ncollect = "yes"\n', "[[steps]] #1 collect must be true or false"),
+    (BASE + '[output.from]\ny = "step2.output0"\n',
+     '[output.from] y = "step2.output0": "STEP.OUTPUT" must name a step that runs in the program'),
+    (BASE + '[output.from]\ny = "output0"\n', '[output.from] y = "output0" must be "STEP.OUTPUT"'),
+    (BASE + '[output.from]\nz = "step1.output0"\n', "[output.from] z: no such output; outputs are: y"),
+    (BASE.replace('y = "/y"', 'y = "/y"\nz = "/z"') + '[output.from]\ny = "step1.output0"\n',
+     "[output.from] must name where every output comes from; z missing"),
     ("[input]\nfile='a'\n[input.datasets]\nx='/x'\n[output]\nfile='b'\n[output.datasets]\ny='/y'",
      "missing table [model]"),
 ])
@@ -107,6 +146,19 @@ def test_multi_graph_program_and_stages():
     assert spec.model.ranks_per_stage == 2 and spec.model.handoff == "host"
     assert spec.model.graph_paths(3) == [Path("/jobs/demo/g0_3.mindir"), Path("/jobs/demo/g1_3.mindir")]
     assert [(s.graph, s.repeat, s.feed) for s in spec.steps] == [(0, 1, ()), (1, 10, (("h", "output0"),))]
+    assert [s.name for s in spec.steps] == ["step1", "step2"]
+
+
+def test_outputs_and_inputs_from_any_step():
+    text = BASE.replace('files = "model/device{rank}/net.mindir"',
+                        'files = ["g0_{rank}.mindir", "g1_{rank}.mindir"]')
+    text = text.replace('y = "/y"', 'y = "/y"\nz = "/z"')
+    spec = parse(text + '[output.from]\nz = "init.output0"\ny = "step2.h"\n'
+                 '[[steps]]\ngraph = 0\nname = "init"\n'
+                 '[[steps]]\ngraph = 1\ninputs = { h = "init.output0", x = "x" }\n')
+    assert spec.output.sources == (("y", "step2.h"), ("z", "init.output0"))  # in output order
+    assert [(s.name, s.inputs) for s in spec.steps] == [
+        ("init", ()), ("step2", (("h", "init.output0"), ("x", "x")))]
 
 
 def test_toml_error_names_the_line(tmp_path):

@@ -34,16 +34,23 @@ class Net(nn.Cell):
         return self.neg(self.matmul(x, self.matmul_weight))
 
 
-def main() -> None:
+def export_slices(model: Path, names: list[str]) -> None:
+    """Write model/device{rank}/NAME.mindir for every rank and name: rank r's column slice of
+    the seed's Net (W of 0.5)."""
     weight = np.full(WEIGHT_SHAPE, 0.5, dtype=np.float32)
     columns = WEIGHT_SHAPE[1] // RANKS
     for rank in range(RANKS):
-        folder = HERE / "model" / f"device{rank}"
+        folder = model / f"device{rank}"
         folder.mkdir(parents=True, exist_ok=True)
-        shard = Net(np.ascontiguousarray(weight[:, rank * columns:(rank + 1) * columns]))
-        # A free batch dimension, so every batch size (and the short last batch) runs as is.
-        mindspore.export(shard, Tensor(shape=[None, WEIGHT_SHAPE[0]], dtype=mindspore.float32),
-                         file_name=str(folder / "matmul"), file_format="MINDIR")
+        part = np.ascontiguousarray(weight[:, rank * columns:(rank + 1) * columns])
+        for name in names:
+            # A free batch dimension, so every batch size (and the short last batch) runs as is.
+            mindspore.export(Net(part), Tensor(shape=[None, WEIGHT_SHAPE[0]], dtype=mindspore.float32),
+                             file_name=str(folder / name), file_format="MINDIR")
+
+
+def main() -> None:
+    export_slices(HERE / "model", ["matmul"])
     with h5py.File(HERE / "inputs.h5", "w") as f:
         f.create_dataset("features", data=np.ones((ROWS, WEIGHT_SHAPE[0]), dtype=np.float32),
                          chunks=(128, WEIGHT_SHAPE[0]), compression="gzip")

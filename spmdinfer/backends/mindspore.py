@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import os
 import time
 from pathlib import Path
@@ -15,6 +17,8 @@ from . import Placement, TensorInfo, predict_in_fixed_batches
 
 _TARGETS = {"cpu": "CPU", "gpu": "GPU", "ascend": "Ascend"}
 _joined: tuple[str, int | None] | None = None   # (target, device id) of the cluster this process joined
+_give_back: frozenset[int] | None = None  # the cores to give back after the first graph run
+_pool_sized = False                       # MindSpore has run a graph: its CPU pool is made
 
 
 def open_session(path: Path, placement: Placement, options: dict) -> "MindSporeSession":
@@ -52,6 +56,8 @@ class MindSporeSession:
         except (RuntimeError, ValueError, OSError) as exc:
             raise BackendError(f"{path}: MindSpore cannot load this MindIR slice: "
                                f"{str(exc).splitlines()[0]}") from None
+        if placement.target == "cpu":
+            _budget_threads(placement.threads, placement.rank_id)
 
     def inputs(self) -> list[TensorInfo]:
         return self._inputs
@@ -65,10 +71,58 @@ class MindSporeSession:
         return self._run(arrays)
 
     def _run(self, arrays: Sequence[np.ndarray]) -> list[np.ndarray]:
-        result = self._cell(*(self._tensor.from_numpy(a) for a in arrays))
-        if isinstance(result, (tuple, list)):
-            return [r.asnumpy() for r in result]
-        return [result.asnumpy()]
+        try:
+            result = self._cell(*(self._tensor.from_numpy(a) for a in arrays))
+            return [r.asnumpy() for r in result] if isinstance(result, (tuple, list)) else \
+                [result.asnumpy()]
+        finally:
+            if not _pool_sized:
+                _first_run_done()
+
+
+def _budget_threads(threads: int, rank: int) -> None:
+    """Keep MindSpore's CPU kernels to `threads` cores.
+
+    MindSpore sizes its CPU thread pool from the cores the process may use when it runs its
+    first graph; `runtime_num_threads`, `device_context.cpu.op_tuning.threads_num` and
+    `runtime.dispatch_threads_num` do not bound it (docs/performance.md has the figures). So
+    that first run happens with this thread's CPU mask cut to `threads` of its cores (from
+    the `rank`-th share on, so that ranks sharing a mask are not all cut to the same cores),
+    and `_first_run_done` then gives them back: the pool keeps its size, and the kernels run
+    wherever the scheduler puts them, never on more than `threads` cores at once.
+    """
+    global _give_back
+    if _pool_sized or _give_back is not None:
+        return
+    try:
+        mask = frozenset(os.sched_getaffinity(0))
+        if threads < len(mask):
+            cores = sorted(mask)
+            first = rank * threads % len(cores)
+            os.sched_setaffinity(0, (cores + cores)[first:first + threads])
+            _give_back = mask
+    except (AttributeError, OSError):
+        pass  # no CPU masks here: MindSpore takes what it takes
+
+
+def _first_run_done() -> None:
+    """The pool is made: every thread of this process started while the mask was cut (its
+    own, the runner's, MindSpore's) gets the cores back."""
+    global _give_back, _pool_sized
+    _pool_sized = True
+    if _give_back is None:
+        return
+    cut = os.sched_getaffinity(0)
+    for task in os.listdir("/proc/self/task"):
+        try:
+            if os.sched_getaffinity(int(task)) == cut:
+                os.sched_setaffinity(int(task), _give_back)
+        except OSError:
+            pass  # a thread that has ended
+    _give_back = None
+
+
+exit_hooks: list = []  # what MindSpore registered with atexit while spmdinfer watched
 
 
 def preload() -> float:
@@ -76,9 +130,28 @@ def preload() -> float:
     `communication.init()`); return the seconds it took."""
     began = time.monotonic()
     os.environ.setdefault("GLOG_v", "3")
-    import mindspore  # noqa: F401
+    with _recording_exit_hooks():
+        import mindspore  # noqa: F401
 
     return time.monotonic() - began
+
+
+@contextlib.contextmanager
+def _recording_exit_hooks():
+    """Note the atexit hooks registered meanwhile (MindSpore's C++ one calls atexit.register
+    through the module, as Python code does), so that a cluster worker can leave without them
+    (spmdinfer.cluster.leave)."""
+    register = atexit.register
+
+    def recording(function, *args, **kwargs):
+        exit_hooks.append(function)
+        return register(function, *args, **kwargs)
+
+    atexit.register = recording
+    try:
+        yield
+    finally:
+        atexit.register = register
 
 
 def join_cluster(target: str, device_id: int | None) -> tuple[int, int]:
@@ -91,7 +164,8 @@ def join_cluster(target: str, device_id: int | None) -> tuple[int, int]:
     global _joined
     try:
         _set_device(mindspore, _TARGETS[target], device_id)
-        communication.init()
+        with _recording_exit_hooks():
+            communication.init()
         _joined = (target, device_id)
         return communication.get_rank(), communication.get_group_size()
     except (RuntimeError, ValueError) as exc:

@@ -124,12 +124,14 @@ def _providers(ort, placement: Placement) -> list:
 
 
 def _info(arg) -> TensorInfo:
-    """A TensorInfo from ORT's NodeArg: symbolic or unknown dims become None."""
+    """A TensorInfo from ORT's NodeArg: symbolic or unknown dims become None, and so does the
+    shape of a tensor of unknown rank (ORT reports it as [], like a scalar, which no batch
+    of rows could feed anyway), as spmdinfer.onnxfile reads it from the file."""
     if not arg.type.startswith("tensor("):
         return TensorInfo(arg.name, None, None)  # a sequence or map: nothing the runner can check
     dtype = _DTYPES.get(arg.type[len("tensor("):-1])
-    return TensorInfo(arg.name, tuple(d if isinstance(d, int) else None for d in arg.shape),
-                      None if dtype is None else np.dtype(dtype))
+    shape = tuple(d if isinstance(d, int) else None for d in arg.shape) if arg.shape else None
+    return TensorInfo(arg.name, shape, None if dtype is None else np.dtype(dtype))
 
 
 def _first_line(exc: BaseException) -> str:

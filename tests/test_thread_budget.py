@@ -1,0 +1,98 @@
+"""`[device] threads` holds with MindSpore on CPU: its kernels run on at most that many cores.
+
+MindSpore sizes its CPU pool from the process's CPU mask at its first graph run, whatever
+`runtime_num_threads` says (spmdinfer.backends.mindspore._budget_threads). These tests run
+the backend in a fresh process (the pool is made once per process) and count, from
+/proc/self/task, the threads that did the predicting: a count, not a speed, so a busy
+machine does not change the verdict.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from .conftest import export_mindir
+
+PROBE = r"""
+import json, os, resource, sys
+from pathlib import Path
+import numpy as np
+from spmdinfer.backends import Placement, open_session
+
+tick = os.sysconf("SC_CLK_TCK")
+
+def per_thread():
+    times = {}
+    for task in os.listdir("/proc/self/task"):
+        fields = open(f"/proc/self/task/{task}/stat").read().rsplit(")", 1)[1].split()
+        times[task] = (int(fields[11]) + int(fields[12])) / tick
+    return times
+
+def process_cpu():
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+before = sorted(os.sched_getaffinity(0))
+session = open_session("mindspore", Path(sys.argv[1]),
+                       Placement("cpu", None, 0, int(sys.argv[2])), {})
+x = np.ones((256, 512), np.float32)
+first = session.predict([x])[0]
+start, began = per_thread(), process_cpu()
+while process_cpu() - began < 1.5:  # enough CPU time for the 10 ms ticks to tell threads apart
+    session.predict([x])
+end = per_thread()
+print(json.dumps({
+    "before": before,
+    "masks": sorted({tuple(sorted(os.sched_getaffinity(int(t)))) for t in end}),
+    "busy": sorted((end[t] - start.get(t, 0.0) for t in end), reverse=True),
+    "sum": float(first.sum()),
+}))
+"""
+
+
+@pytest.fixture(scope="session")
+def wide_mlp(tmp_path_factory):
+    """An MLP slice with enough work per call for MindSpore to spread it over its pool."""
+    from mindspore import Parameter, Tensor, nn, ops
+
+    class MLP(nn.Cell):
+        def __init__(self, w1, w2):
+            super().__init__()
+            self.w1, self.w2 = Parameter(Tensor(w1), name="w1"), Parameter(Tensor(w2), name="w2")
+            self.matmul = ops.MatMul()
+
+        def construct(self, x):
+            return self.matmul(ops.relu(self.matmul(x, self.w1)), self.w2)
+
+    rng = np.random.default_rng(3)
+    w1 = (rng.standard_normal((512, 2048)) * 0.05).astype(np.float32)
+    w2 = (rng.standard_normal((2048, 512)) * 0.05).astype(np.float32)
+    path = export_mindir(MLP(w1, w2), [Tensor(np.zeros((256, 512), np.float32))],
+                         tmp_path_factory.mktemp("budget") / "mlp.mindir")
+    return path, np.maximum(np.ones((256, 512), np.float32) @ w1, 0) @ w2
+
+
+def probe(path, threads: int) -> dict:
+    result = subprocess.run([sys.executable, "-c", PROBE, str(path), str(threads)],
+                            capture_output=True, text=True, timeout=600,
+                            env={**os.environ, "GLOG_v": "3"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def test_one_thread_predicts_on_one_core_at_a_time(wide_mlp):
+    """threads = 1 on a 2-core mask: one thread does the predicting (without the budget,
+    MindSpore spreads each call over two about equally), and afterwards every thread may
+    run on all the cores again (the runner's threads are not squeezed onto one)."""
+    path, expected = wide_mlp
+    seen = probe(path, 1)
+    busy = seen["busy"]
+    assert busy[0] >= 0.85 * sum(busy), f"CPU seconds per thread while predicting: {busy}"
+    assert seen["masks"] == [seen["before"]], seen
+    assert np.isclose(seen["sum"], float(expected.sum()), rtol=1e-4)
