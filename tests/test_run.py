@@ -1,12 +1,15 @@
 """Real `mpiexec -n N spmdinfer run` on MindIR slices exported here, against numpy."""
 
+import importlib.util
 import shutil
+import subprocess
 
 import h5py
 import numpy as np
 
 from tests.cells import mlp_reference
-from tests.conftest import REPO, matmul_job, read_h5, run_cli, write_h5, write_job
+from tests.conftest import (MPI_TIMEOUT, PYTHON, REPO, matmul_job, mpi_command, mpi_env, read_h5,
+                            run_cli, write_h5, write_job)
 
 
 def ok(result):
@@ -36,6 +39,29 @@ def test_seed_pipeline_gives_minus_96_and_minus_48(tmp_path):
         x, z = f["x"][...], f["z"][...]
     assert x.shape == z.shape == (256, 16) and x.dtype == z.dtype == np.float32
     assert np.all(x == -96) and np.all(z == -48)
+
+
+def test_gpt_job_generates_what_the_whole_model_generates(tmp_path):
+    """jobs/gpt as the README runs it, its slices exported anew by its export.py (a MindSpore
+    cluster of 2): an init graph, then the step graph repeated with its KV cache and collected
+    until the end token; the tokens those of the unsplit model (gpt.generate, numpy)."""
+    demo = tmp_path / "gpt"
+    shutil.copytree(REPO / "jobs" / "gpt", demo,
+                    ignore=shutil.ignore_patterns("out", "model", "prompts.h5", "__pycache__"))
+    export = subprocess.run([*mpi_command(2), PYTHON, demo / "export.py"], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=MPI_TIMEOUT, env=mpi_env(),
+                            stdin=subprocess.DEVNULL)
+    ok(export)
+    ok(run_cli("run", demo / "job.toml", n=2))
+    spec = importlib.util.spec_from_file_location("gpt", demo / "gpt.py")
+    gpt = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpt)
+    tokens, length = gpt.generate(read_h5(demo / "prompts.h5", "/prompts"))
+    assert (length < gpt.NEW).any() and (length == gpt.NEW).any()  # some rows stop early
+    got = read_h5(demo / "out" / "tokens.h5", "/tokens")
+    assert got.shape == (256, gpt.NEW) and got.dtype == np.int32
+    np.testing.assert_array_equal(got, tokens)
+    np.testing.assert_array_equal(read_h5(demo / "out" / "tokens.h5", "/length"), length)
 
 
 def test_eight_ranks_concat_gzip_input_ragged_batches(tmp_path, matmul_slices):
