@@ -1,6 +1,6 @@
 """jobs/gpt's generation under spmdinfer against the same loop written by hand with mpi4py.
 
-    python benchmarks/generation.py [--prompts 4096] [--repeats 5] [--quick] [--wait-idle S]
+    python benchmarks/generation.py [--prompts 16384] [--repeats 5] [--quick] [--wait-idle S]
 
 Copies jobs/gpt (the tiny GPT split over 2 ranks: an init graph, then the step graph up to 8
 times with its KV cache, collected until the end token) into a temporary folder with more
@@ -41,12 +41,12 @@ RANKS = 2
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_run_options(parser, quick="one repeat, 1024 prompts")
-    parser.add_argument("--prompts", type=int, default=None, help="prompts scored (default 4096)")
+    parser.add_argument("--prompts", type=int, default=None, help="prompts scored (default 16384)")
     args = parser.parse_args()
     began = time.monotonic()
     progress = progress_printer(began)
     watch = CpuWatch()
-    rows = args.prompts or (1024 if args.quick else 4096)
+    rows = args.prompts or (1024 if args.quick else 16384)
     repeats = repeats_of(args)
     with scratch("generation") as folder:
         job = folder / "job.toml"
