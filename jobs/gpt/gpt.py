@@ -58,20 +58,19 @@ def weights(seed: int = SEED) -> dict[str, np.ndarray]:
 
 def shard(whole: dict[str, np.ndarray], rank: int, ranks: int = RANKS) -> dict[str, np.ndarray]:
     """Rank `rank`'s part of the weights (see the module's docstring)."""
-    def columns(w, count):
+    assert HEADS % ranks == HIDDEN % ranks == VOCAB % ranks == 0, ranks
+
+    def columns(w):
         part = w.shape[-1] // ranks
-        assert part * ranks == w.shape[-1] and count % ranks == 0
         return np.ascontiguousarray(w[..., rank * part:(rank + 1) * part])
 
     def rows(w):
         part = w.shape[0] // ranks
         return np.ascontiguousarray(w[rank * part:(rank + 1) * part])
 
-    return {"embed": whole["embed"], "position": whole["position"],
-            "wq": columns(whole["wq"], HEADS), "wk": columns(whole["wk"], HEADS),
-            "wv": columns(whole["wv"], HEADS), "wo": rows(whole["wo"]),
-            "w1": columns(whole["w1"], HIDDEN), "b1": columns(whole["b1"], HIDDEN),
-            "w2": rows(whole["w2"]), "unembed": columns(whole["unembed"], VOCAB)}
+    split = {"wq": columns, "wk": columns, "wv": columns, "wo": rows, "w1": columns,
+             "b1": columns, "w2": rows, "unembed": columns}
+    return {name: split[name](w) if name in split else w for name, w in whole.items()}
 
 
 def norm(x: np.ndarray) -> np.ndarray:
