@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import atexit
 import os
+import pickle
 import socket
 import time
 from collections import deque
@@ -42,6 +43,7 @@ NOTICE_BYTES = 4096
 NOTICE_TAG = 7
 STOP_CODE = 75        # a notice with this code asks for a clean stop, not a failure
 PACKET_TAG = 11
+PICKLE_PROTOCOL = 5
 
 # Packet kinds.
 GO, DONE = 0, 1
@@ -71,6 +73,16 @@ def _finalize_before_teardown() -> None:
     if MPI.Is_initialized() and not MPI.Is_finalized():
         MPI.Finalize()
     _abandoned.clear()
+
+
+def settle(request) -> None:
+    """Complete `request` as `Channel.wait` does, before there is a Channel: test, sleep.
+    (`settle(comm.Ibarrier())` before a job's first blocking call: ranks that arrive first
+    sleep while the last ones still import, instead of spinning in MPI on their cores.)"""
+    delay = MIN_DELAY
+    while not request.Test():
+        time.sleep(delay)
+        delay = min(delay * 2, MAX_DELAY)
 
 
 class Peers:
@@ -212,19 +224,39 @@ class Channel:
     def barrier(self) -> None:
         self.wait(self.comm.Ibarrier())
 
-    # Small metadata (pickled), only at start-up and at the end.
+    # Small metadata (pickled), only at start-up and at the end: the sizes, then the bytes,
+    # each a nonblocking collective waited for as above. (mpi4py's pickled collectives block,
+    # and MPI spins inside a blocking call until its last member arrives: on a core that
+    # member may need, for as long as it takes to arrive.)
 
     def bcast_object(self, obj: Any) -> Any:
-        self.barrier()
-        return self.comm.bcast(obj, root=ROOT)
+        data = bytearray(pickle.dumps(obj, PICKLE_PROTOCOL)) if self.is_root else None
+        size = np.array([len(data) if self.is_root else 0], np.int64)
+        self.wait(self.comm.Ibcast(size, root=ROOT))
+        if not self.is_root:
+            data = bytearray(int(size[0]))
+        self.wait(self.comm.Ibcast(data, root=ROOT))
+        return obj if self.is_root else pickle.loads(data)
 
     def gather_objects(self, obj: Any) -> list[Any] | None:
-        self.barrier()
-        return self.comm.gather(obj, root=ROOT)
+        data = pickle.dumps(obj, PICKLE_PROTOCOL)
+        sizes = np.zeros(self.size, np.int64)
+        self.wait(self.comm.Igather(np.array([len(data)], np.int64), sizes, root=ROOT))
+        if not self.is_root:
+            self.wait(self.comm.Igatherv(data, None, root=ROOT))
+            return None
+        received, displacements = bytearray(int(sizes.sum())), _displacements(sizes)
+        self.wait(self.comm.Igatherv(data, [received, (sizes, displacements), self._mpi.BYTE],
+                                     root=ROOT))
+        return _unpickled(received, sizes, displacements)
 
     def allgather_objects(self, obj: Any) -> list[Any]:
-        self.barrier()
-        return self.comm.allgather(obj)
+        data = pickle.dumps(obj, PICKLE_PROTOCOL)
+        sizes = np.zeros(self.size, np.int64)
+        self.wait(self.comm.Iallgather(np.array([len(data)], np.int64), sizes))
+        received, displacements = bytearray(int(sizes.sum())), _displacements(sizes)
+        self.wait(self.comm.Iallgatherv(data, [received, (sizes, displacements), self._mpi.BYTE]))
+        return _unpickled(received, sizes, displacements)
 
     def agree(self, error: BaseException | None, code: int = 0, value: Any = None) -> Any:
         """Raise PeerFailed on every rank if `error` is set on any rank; else return the
@@ -352,6 +384,15 @@ class Channel:
                                                      self._mpi.BYTE], root=ROOT), busy=True)
         return [received[d:d + c].view(array.dtype).reshape(s)
                 for d, c, s in zip(displacements, counts, shapes)]
+
+
+def _displacements(sizes: np.ndarray) -> np.ndarray:
+    return np.concatenate([[0], np.cumsum(sizes[:-1])]).astype(np.int64)
+
+
+def _unpickled(data: bytearray, sizes: np.ndarray, displacements: np.ndarray) -> list[Any]:
+    view = memoryview(data)
+    return [pickle.loads(view[d:d + n]) for d, n in zip(displacements, sizes)]
 
 
 class PostedPacket(NamedTuple):

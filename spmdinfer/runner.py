@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-from .comm import DONE, Channel, Peers
+from .comm import DONE, Channel, Peers, settle
 from .input import InputField
 from .errors import DataError, JobFailed, PeerFailed
 from .failure import reported
@@ -96,6 +96,7 @@ def run_job(spec: JobSpec, comm=None, *, overwrite: bool = False, resume: bool =
         from mpi4py import MPI
 
         comm = MPI.COMM_WORLD
+    settle(comm.Ibarrier())  # every rank is here before the first blocking call (Dup)
     peers = Peers(comm)
     world = Channel(comm, peers, recorder=Recorder(trace=trace is not None))
     previous = _catch_stop_signals(peers)

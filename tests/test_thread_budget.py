@@ -41,6 +41,7 @@ def process_cpu():
 before = sorted(os.sched_getaffinity(0))
 session = open_session("mindspore", Path(sys.argv[1]),
                        Placement("cpu", None, 0, int(sys.argv[2])), {})
+loaded = sorted(os.sched_getaffinity(0))
 x = np.ones((256, 512), np.float32)
 first = session.predict([x])[0]
 start, began = per_thread(), process_cpu()
@@ -49,6 +50,7 @@ while process_cpu() - began < 1.5:  # enough CPU time for the 10 ms ticks to tel
 end = per_thread()
 print(json.dumps({
     "before": before,
+    "loaded": loaded,
     "masks": sorted({tuple(sorted(os.sched_getaffinity(int(t)))) for t in end}),
     "busy": sorted((end[t] - start.get(t, 0.0) for t in end), reverse=True),
     "sum": float(first.sum()),
@@ -89,10 +91,13 @@ def probe(path, threads: int) -> dict:
 def test_one_thread_predicts_on_one_core_at_a_time(wide_mlp):
     """threads = 1 on a 2-core mask: one thread does the predicting (without the budget,
     MindSpore spreads each call over two about equally), and afterwards every thread may
-    run on all the cores again (the runner's threads are not squeezed onto one)."""
+    run on all the cores again (the runner's threads are not squeezed onto one). Between the
+    load and that first run the mask is whole: the ranks agree over MPI there, and ranks cut
+    to one core each wait on each other (spmdinfer.backends.mindspore._budget_threads)."""
     path, expected = wide_mlp
     seen = probe(path, 1)
     busy = seen["busy"]
     assert busy[0] >= 0.85 * sum(busy), f"CPU seconds per thread while predicting: {busy}"
     assert seen["masks"] == [seen["before"]], seen
+    assert seen["loaded"] == seen["before"], seen
     assert np.isclose(seen["sum"], float(expected.sum()), rtol=1e-4)

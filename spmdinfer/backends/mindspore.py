@@ -56,8 +56,7 @@ class MindSporeSession:
         except (RuntimeError, ValueError, OSError) as exc:
             raise BackendError(f"{path}: MindSpore cannot load this MindIR slice: "
                                f"{str(exc).splitlines()[0]}") from None
-        if placement.target == "cpu":
-            _budget_threads(placement.threads, placement.rank_id)
+        self._budget = (placement.threads, placement.rank_id) if placement.target == "cpu" else None
 
     def inputs(self) -> list[TensorInfo]:
         return self._inputs
@@ -71,6 +70,8 @@ class MindSporeSession:
         return self._run(arrays)
 
     def _run(self, arrays: Sequence[np.ndarray]) -> list[np.ndarray]:
+        if not _pool_sized and self._budget is not None:
+            _budget_threads(*self._budget)
         try:
             result = self._cell(*(self._tensor.from_numpy(a) for a in arrays))
             return [r.asnumpy() for r in result] if isinstance(result, (tuple, list)) else \
@@ -90,6 +91,10 @@ def _budget_threads(threads: int, rank: int) -> None:
     the `rank`-th share on, so that ranks sharing a mask are not all cut to the same cores),
     and `_first_run_done` then gives them back: the pool keeps its size, and the kernels run
     wherever the scheduler puts them, never on more than `threads` cores at once.
+
+    Cut for that run only, not from the load on: in between, the ranks agree over MPI, and
+    ranks cut to one core each wait for each other there (8 ranks on 2 cores under two CPU
+    hogs: one agreement took up to 170 s).
     """
     global _give_back
     if _pool_sized or _give_back is not None:

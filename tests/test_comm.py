@@ -1,0 +1,73 @@
+"""Ranks that wait for a late peer sleep: they do not spin in MPI on the cores it needs.
+
+Each agreement of the start-up (and the end) is a nonblocking collective waited for by
+`Channel.wait`, and a job's first call is `settle(comm.Ibarrier())`: a rank that gets
+there early (its peers still import MindSpore, or were descheduled) uses almost no CPU. A
+blocking MPI collective would spin inside MPI until the last rank arrives: on a busy
+2-core machine, about half a core or more for as long as the wait lasts.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+
+from .conftest import MPI_TIMEOUT, PYTHON, mpi_command, mpi_env
+
+LATE = 1.5  # seconds a late rank keeps the others waiting, before each operation
+
+SCRIPT = r"""
+import json, resource, sys, time
+from mpi4py import MPI
+from spmdinfer.comm import Channel, Peers, settle
+
+LATE = float(sys.argv[1])
+comm = MPI.COMM_WORLD
+
+def cpu():
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+def waited(operation, late):
+    if comm.rank == late:
+        time.sleep(LATE)
+    began, wall = cpu(), time.monotonic()
+    value = operation()
+    return value, (time.monotonic() - wall, cpu() - began)
+
+values, times = {}, {}
+values["settle"], times["settle"] = waited(lambda: settle(comm.Ibarrier()), 2)
+peers = Peers(comm)
+world = Channel(comm, peers)
+for name, late, operation in [
+        # a broadcast's ranks wait for the root; the others' for the last rank
+        ("bcast_object", 0, lambda: world.bcast_object({"from": world.rank} if world.is_root else None)),
+        ("gather_objects", 2, lambda: world.gather_objects(("rank", world.rank))),
+        ("allgather_objects", 2, lambda: world.allgather_objects([world.rank] * (world.rank + 1))),
+        ("agree", 2, lambda: world.agree(None, value="agreed")),
+        ("barrier", 2, world.barrier)]:
+    values[name], times[name] = waited(operation, late)
+everyone = comm.gather(times)
+if comm.rank == 0:
+    print(json.dumps({"times": everyone, "values": {k: repr(v) for k, v in values.items()}}))
+world.close()
+peers.close()
+"""
+
+def test_ranks_waiting_for_a_late_peer_sleep():
+    result = subprocess.run([*mpi_command(3), PYTHON, "-c", SCRIPT, str(LATE)],
+                            capture_output=True, text=True, timeout=MPI_TIMEOUT, env=mpi_env())
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    values = report["values"]
+    assert values["bcast_object"] == repr({"from": 0})
+    assert values["gather_objects"] == repr([("rank", r) for r in range(3)])
+    assert values["allgather_objects"] == repr([[0], [1, 1], [2, 2, 2]])
+    assert values["agree"] == repr("agreed") and values["barrier"] == "None"
+    # The rank that waited for the late one (rank 1 for the broadcast, else the root) waited
+    # about LATE seconds: spinning in MPI it would use a large share of a core over them,
+    # sleeping between tests a few percent.
+    for name in report["values"]:
+        wall, cpu = report["times"][1 if name == "bcast_object" else 0][name]
+        assert wall > LATE / 2, (name, report["times"])
+        assert cpu < 0.25 * wall, f"{cpu / wall:.2f} cores used while waiting in {name}: {report}"
