@@ -10,7 +10,8 @@ whole `mpiexec`, from its start to its exit):
   8 rows once"` (MindSpore compiles a graph on its first run, which scoring cannot skip).
 - a collective cluster: the AllGather slices of tests/export_collectives.py (exported under
   a real MindSpore cluster); the floor joins the cluster as a user's script would
-  (spmdinfer.cluster.join_world), loads the slice, predicts once and leaves with a barrier.
+  (spmdinfer.cluster.join_world), loads the slice, predicts once and leaves as spmdinfer
+  does (spmdinfer.cluster.leave: MindSpore's own teardown at exit ends the job with a signal).
 
 spmdinfer runs `spmdinfer run` on 8 rows (one batch), so its time is its start-up plus one
 tiny batch and the output file. Target: spmdinfer's wall time <= 1.10x the floor's. The
@@ -54,8 +55,8 @@ else:
 graph = nn.GraphCell(mindspore.load(sys.argv[1].format(rank=rank)))
 graph(mindspore.Tensor(np.ones((8, 96), np.float32))).asnumpy()  # compiled on its first run
 if sys.argv[2] == "cluster":  # the cluster's scheduler lives in rank 0: leave together
-    from mpi4py import MPI
-    MPI.COMM_WORLD.Barrier()
+    from spmdinfer.cluster import leave  # MindSpore's own exit kills the launcher's job
+    leave(0)
 """
 PHASES = ("launch", "discover", "preflight", "check_devices", "form_cluster", "load", "schedule",
           "start_collector", "assemble")
