@@ -151,7 +151,7 @@ def test_existing_output_is_refused_then_replaced_with_overwrite(tmp_path, matmu
     assert result.returncode == 2 and "exists; pass --overwrite" in result.stderr
     assert out.read_bytes() == b"precious"
     ok(run_cli("run", job, "--overwrite", n=2))
-    np.testing.assert_allclose(read_h5(out, "/y"), -(x @ weight[:, :4]), rtol=1e-5)
+    np.testing.assert_allclose(read_h5(out, "/y"), -(x @ weight[:, :4]), rtol=1e-5, atol=1e-5)
 
 
 def test_metrics_trace_and_plain_progress(tmp_path, matmul_slices):
