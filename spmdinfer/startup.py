@@ -154,7 +154,8 @@ class Startup:
             placement = Placement(target=self.spec.device.target, device_id=info.device_id,
                                   rank_id=info.model_rank, threads=info.threads,
                                   provider=self.spec.device.provider,
-                                  config_file=self.spec.device.config_path(info.model_rank))
+                                  config_file=self.spec.device.config_path(info.model_rank),
+                                  cores=info.cores)
             options = self.spec.backend_options.get(name, {})
             began = time.monotonic()
             with self.world.recorder.span("load"):

@@ -82,6 +82,7 @@ class RankInfo:
     host: str
     device_id: int | None
     threads: int
+    cores: frozenset[int]   # the cores its kernels run on: `threads` of its CPU mask
 
     @property
     def rank(self) -> int:
@@ -96,7 +97,8 @@ class RankInfo:
         device = "" if self.device_id is None else f" device={self.device_id}"
         return (f"rank {layout.rank}/{layout.size} on {self.host} (local {self.local_rank}/"
                 f"{self.local_size}) replica={layout.replica} stage={layout.stage} "
-                f"model_rank={layout.model_rank}{device} threads={self.threads}")
+                f"model_rank={layout.model_rank}{device} threads={self.threads} "
+                f"cores={','.join(map(str, sorted(self.cores)))}")
 
 
 def launcher_rank() -> int:
@@ -118,9 +120,10 @@ def discover(comm, spec: JobSpec) -> RankInfo:
     finally:
         node.Free()
     local_rank = env_local_rank(node_rank, comm.rank)
+    threads = threads_for(spec.device, sharing(masks, node_rank))
     return RankInfo(layout=layout, local_rank=local_rank, local_size=local_size,
                     host=node_name(), device_id=device_for(spec.device, local_rank),
-                    threads=threads_for(spec.device, sharing(masks, node_rank)))
+                    threads=threads, cores=core_share(masks, node_rank, threads))
 
 
 def node_name() -> str:
@@ -201,6 +204,19 @@ def sharing(masks: list[frozenset[int]], node_rank: int) -> int:
     rank its share, which is not to be divided again."""
     mine = masks[node_rank]
     return sum(1 for mask in masks if mask & mine) or 1
+
+
+def core_share(masks: list[frozenset[int]], node_rank: int, threads: int) -> frozenset[int]:
+    """The `threads` cores of this rank's mask (`masks[node_rank]`) that its kernels run on:
+    the ranks that share a mask take its cores in turn, in node-rank order, so that two
+    unbound one-thread ranks on two cores get a core each."""
+    mine = masks[node_rank]
+    if threads >= len(mine):
+        return mine
+    cores = sorted(mine)
+    turn = sum(1 for mask in masks[:node_rank] if mask & mine)
+    first = turn * threads % len(cores)
+    return frozenset((cores + cores)[first:first + threads])
 
 
 def cpu_mask() -> frozenset[int]:

@@ -12,7 +12,7 @@ from spmdinfer.comm import pack_header, unpack_header
 from spmdinfer.program import bind_inputs
 from spmdinfer.combine import check_layout
 from spmdinfer.spec import Combine, load_spec, parse_spec
-from spmdinfer.topology import device_for, sharing, threads_for
+from spmdinfer.topology import core_share, device_for, sharing, threads_for
 
 BASE = """
 [model]
@@ -192,6 +192,19 @@ def test_ranks_share_only_the_cores_their_masks_have_in_common():
     assert sharing([frozenset({c}) for c in range(4)], node_rank=1) == 1  # bound to a core each
     sockets = [frozenset(range(4))] * 2 + [frozenset(range(4, 8))] * 2    # bound to a socket
     assert sharing(sockets, node_rank=3) == 2
+
+
+def test_ranks_sharing_a_mask_take_its_cores_in_turn():
+    both = frozenset({0, 1})
+    assert [core_share([both] * 2, r, 1) for r in range(2)] == [{0}, {1}]   # two replicas
+    assert [min(core_share([both] * 8, r, 1)) for r in range(8)] == [0, 1] * 4
+    assert core_share([both] * 2, 1, 2) == both and core_share([both] * 2, 0, 5) == both
+    quads = [frozenset(range(4))] * 4
+    assert [sorted(core_share(quads, r, 2)) for r in range(4)] == [[0, 1], [2, 3]] * 2
+    bound = [frozenset({c}) for c in range(4)]                  # a launcher bound them
+    assert [core_share(bound, r, 1) for r in range(4)] == bound
+    sockets = [frozenset(range(4))] * 2 + [frozenset(range(4, 8))] * 2
+    assert [sorted(core_share(sockets, r, 2)) for r in range(4)] == [[0, 1], [2, 3], [4, 5], [6, 7]]
 
 
 def fields(*specs):

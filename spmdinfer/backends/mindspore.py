@@ -17,8 +17,6 @@ from . import Placement, TensorInfo, predict_in_fixed_batches
 
 _TARGETS = {"cpu": "CPU", "gpu": "GPU", "ascend": "Ascend"}
 _joined: tuple[str, int | None] | None = None   # (target, device id) of the cluster this process joined
-_give_back: frozenset[int] | None = None  # the cores to give back after the first graph run
-_pool_sized = False                       # MindSpore has run a graph: its CPU pool is made
 
 
 def open_session(path: Path, placement: Placement, options: dict) -> "MindSporeSession":
@@ -56,7 +54,7 @@ class MindSporeSession:
         except (RuntimeError, ValueError, OSError) as exc:
             raise BackendError(f"{path}: MindSpore cannot load this MindIR slice: "
                                f"{str(exc).splitlines()[0]}") from None
-        self._budget = (placement.threads, placement.rank_id) if placement.target == "cpu" else None
+        self._cores = _budget_cores(placement) if placement.target == "cpu" else None
 
     def inputs(self) -> list[TensorInfo]:
         return self._inputs
@@ -70,61 +68,48 @@ class MindSporeSession:
         return self._run(arrays)
 
     def _run(self, arrays: Sequence[np.ndarray]) -> list[np.ndarray]:
-        if not _pool_sized and self._budget is not None:
-            _budget_threads(*self._budget)
-        try:
+        with _on_cores(self._cores):
             result = self._cell(*(self._tensor.from_numpy(a) for a in arrays))
-            return [r.asnumpy() for r in result] if isinstance(result, (tuple, list)) else \
-                [result.asnumpy()]
-        finally:
-            if not _pool_sized:
-                _first_run_done()
+        return [r.asnumpy() for r in result] if isinstance(result, (tuple, list)) else \
+            [result.asnumpy()]
 
 
-def _budget_threads(threads: int, rank: int) -> None:
-    """Keep MindSpore's CPU kernels to `threads` cores.
+def _budget_cores(placement: Placement) -> frozenset[int] | None:
+    """The cores this rank's graphs run on (the placement's, else the first `threads` of this
+    thread's CPU mask), or None where that is the whole mask.
 
     MindSpore sizes its CPU thread pool from the cores the process may use when it runs its
     first graph; `runtime_num_threads`, `device_context.cpu.op_tuning.threads_num` and
-    `runtime.dispatch_threads_num` do not bound it (docs/performance.md has the figures). So
-    that first run happens with this thread's CPU mask cut to `threads` of its cores (from
-    the `rank`-th share on, so that ranks sharing a mask are not all cut to the same cores),
-    and `_first_run_done` then gives them back: the pool keeps its size, and the kernels run
-    wherever the scheduler puts them, never on more than `threads` cores at once.
-
-    Cut for that run only, not from the load on: in between, the ranks agree over MPI, and
-    ranks cut to one core each wait for each other there (8 ranks on 2 cores under two CPU
-    hogs: one agreement took up to 170 s).
+    `runtime.dispatch_threads_num` do not bound it (docs/performance.md has the figures).
+    And the thread that calls a graph works on its kernels beside the pool's threads.
     """
-    global _give_back
-    if _pool_sized or _give_back is not None:
-        return
     try:
         mask = frozenset(os.sched_getaffinity(0))
-        if threads < len(mask):
-            cores = sorted(mask)
-            first = rank * threads % len(cores)
-            os.sched_setaffinity(0, (cores + cores)[first:first + threads])
-            _give_back = mask
     except (AttributeError, OSError):
-        pass  # no CPU masks here: MindSpore takes what it takes
+        return None  # no CPU masks here: MindSpore takes what it takes
+    cores = (placement.cores or frozenset(sorted(mask)[:placement.threads])) & mask
+    return cores if cores and cores != mask else None
 
 
-def _first_run_done() -> None:
-    """The pool is made: every thread of this process started while the mask was cut (its
-    own, the runner's, MindSpore's) gets the cores back."""
-    global _give_back, _pool_sized
-    _pool_sized = True
-    if _give_back is None:
+@contextlib.contextmanager
+def _on_cores(cores: frozenset[int] | None):
+    """The calling thread on `cores` while the body runs a graph, then on its own mask again.
+
+    The threads MindSpore starts in the first run inherit the cut mask and keep it (its pool
+    is then `len(cores)` threads, and they never leave those cores); the caller, which helps
+    with the kernels, is cut for each run only, so that between runs the rank's other work,
+    its agreements over MPI and the threads it starts (the runner's prefetch and commit) may
+    use every core of its mask. Two system calls a batch.
+    """
+    if cores is None:
+        yield
         return
-    cut = os.sched_getaffinity(0)
-    for task in os.listdir("/proc/self/task"):
-        try:
-            if os.sched_getaffinity(int(task)) == cut:
-                os.sched_setaffinity(int(task), _give_back)
-        except OSError:
-            pass  # a thread that has ended
-    _give_back = None
+    whole = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, cores)
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, whole)
 
 
 exit_hooks: list = []  # what MindSpore registered with atexit while spmdinfer watched
