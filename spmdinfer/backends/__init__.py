@@ -50,7 +50,7 @@ class Placement:
     threads: int
     provider: str = ""
     config_file: Path | None = None
-    cores: frozenset[int] | None = None   # where CPU kernels may run; None: the first `threads`
+    cores: frozenset[int] | None = None   # where CPU kernels run; None: `threads` of the mask
 
 
 class Session(Protocol):

@@ -99,7 +99,7 @@ def _on_cores(cores: frozenset[int] | None):
     is then `len(cores)` threads, and they never leave those cores); the caller, which helps
     with the kernels, is cut for each run only, so that between runs the rank's other work,
     its agreements over MPI and the threads it starts (the runner's prefetch and commit) may
-    use every core of its mask. Two system calls a batch.
+    use every core of its mask. Three system calls a batch, microseconds.
     """
     if cores is None:
         yield
