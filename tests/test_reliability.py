@@ -20,9 +20,9 @@ import pytest
 from spmdinfer.journal import LOG, committed_batches, parts_folder
 from tests.cells import FixedBatchOnly, MatMulNeg
 from tests.conftest import (PYTHON, REPO, UNDER_OPENMPI, assert_clean_error, dynamic, export_mindir,
-                            forward, held, matmul_job, mpi_command, mpi_env, off_loopback_sockets,
-                            rank_pids, ranks_up, resume, run_until, stop, run_cli, write_h5,
-                            write_job)
+                            export_onnx, forward, held, matmul_job, mpi_command, mpi_env,
+                            off_loopback_sockets, rank_pids, ranks_up, resume, run_until, stop,
+                            run_cli, write_h5, write_job)
 
 EXIT_STOPPED = 75
 ROWS, BATCH = 3000, 10
@@ -73,15 +73,38 @@ def datasets(path: Path) -> dict:
         return {name: f[name][()] for name in f}
 
 
+def onnx_matmul_slices(folder: Path, weight: np.ndarray) -> Path:
+    """Two column slices of y = -(x @ weight) as ONNX (exported by MindSpore, free batch)."""
+    for rank in range(2):
+        export_onnx(MatMulNeg(weight[:, 2 * rank:2 * rank + 2]), np.zeros((4, 96), np.float32),
+                    folder / f"s{rank}.onnx", free_batch=True)
+    return folder / "s{rank}.onnx"
+
+
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory, matmul_slices):
-    """An uninterrupted run of the job every test interrupts, and its job document."""
-    template, _ = matmul_slices
+    """An uninterrupted run of the job every test interrupts, and its job document.
+
+    Its slices are ONNX, run by ONNX Runtime: what these tests stop, kill and resume is the
+    runner, and each rank's `import mindspore` costs 3.5 CPU seconds against ONNX Runtime's
+    0.4 (4 ranks, two runs a test; this file took 293 s with MindSpore on 2026-12-05). The
+    default backend's own faults are tested with MindIR below (a corrupt slice, a failing
+    batch), in test_collectives (kill -9 mid-collective), test_multihost and test_slurm."""
+    return reference_run(tmp_path_factory, matmul_slices, "onnxruntime")
+
+
+def reference_run(tmp_path_factory, matmul_slices, backend: str) -> tuple[Path, dict, dict]:
+    """The reference job (2 replicas of 2 column slices, 300 batches, a NaN and an inf in
+    the input) run once without interruption with `backend`: (folder, job document, output)."""
+    template, weight = matmul_slices
     folder = tmp_path_factory.mktemp("reference")
     x = np.random.default_rng(20).standard_normal((ROWS, 96)).astype(np.float32)
     x[5, 3], x[6, 4] = np.nan, np.inf
     write_h5(folder / "in.h5", {"x": x})
-    doc = matmul_job(folder, template, ranks=2, batch_size=BATCH)
+    if backend == "onnxruntime":
+        template = onnx_matmul_slices(folder / "slices", weight)
+    doc = matmul_job(folder, template, ranks=2, batch_size=BATCH,
+                     model={"files": str(template), "ranks": 2, "backend": backend})
     result = run_cli("run", write_job(folder, doc), n=4)  # 2 replicas
     assert result.returncode == 0, result.stderr
     return folder, doc, datasets(folder / "out" / "result.h5")
@@ -219,12 +242,8 @@ def test_resume_refuses_a_changed_job_input_or_slice(reference, tmp_path, change
         with h5py.File(tmp_path / "in.h5", "r+") as f:
             f["x"][7] = 1.0
     else:
-        slices = tmp_path / "slices"
-        for rank in range(2):
-            export_mindir(MatMulNeg(np.ones((96, 2), np.float32)), [dynamic(96)],
-                          slices / f"s{rank}.mindir")
-        job = write_job(tmp_path, {**doc, "model": {**doc["model"],
-                                                    "files": str(slices / "s{rank}.mindir")}})
+        slices = onnx_matmul_slices(tmp_path / "slices", np.ones((96, 4), np.float32))
+        job = write_job(tmp_path, {**doc, "model": {**doc["model"], "files": str(slices)}})
         # The job text changed too; the message lists both.
     result = run_cli("run", job, "--resume", n=4)
     assert_clean_error(result, "--resume refused", needle)
