@@ -12,7 +12,11 @@ from __future__ import annotations
 import json
 import subprocess
 
+import pytest
+
 from .conftest import MPI_TIMEOUT, PYTHON, mpi_command, mpi_env
+
+pytestmark = [pytest.mark.mpi, pytest.mark.launcher]
 
 LATE = 1.5  # seconds a late rank keeps the others waiting, before each operation
 

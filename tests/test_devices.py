@@ -12,6 +12,8 @@ from spmdinfer.spec import DeviceSpec
 from spmdinfer.topology import device_for, env_local_rank, physical_device
 from tests.conftest import PYTHON, REPO, launcher, matmul_job, mpi_env, write_h5, write_job
 
+pytestmark = pytest.mark.launcher
+
 GPU = DeviceSpec(target="gpu")
 
 

@@ -89,6 +89,7 @@ def test_two_stages_of_two_ranks_concat_inside_a_stage(tmp_path, dense_slices):
                                rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.launcher
 def test_two_replicas_of_two_stages(tmp_path, dense_slices):
     folder, w1, w2 = dense_slices
     x = rows_input(tmp_path, 77, 8)
@@ -243,6 +244,7 @@ def test_graph_handoff_takes_the_last_stage_outputs(tmp_path, graph_handoff_slic
     np.testing.assert_array_equal(read_h5(tmp_path / "out.h5", "/y"), expected)
 
 
+@pytest.mark.launcher
 def test_world_size_not_a_multiple_of_ranks(tmp_path, mlp_slices):
     template, _ = mlp_slices
     rows_input(tmp_path, 10, 16)

@@ -94,10 +94,12 @@ LAYOUTS = {
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
-def test_layouts_over_hosts_equal_numpy_and_the_one_host_run(tmp_path, layout, matmul_slices,
+def test_layouts_over_hosts_equal_numpy_and_the_one_host_run(tmp_path, layout, onnx_matmul_slices,
                                                              mlp_slices, dense_slices):
+    """The matmul layouts run ONNX Runtime (the runner's paths are what differ over hosts, and
+    a rank's `import mindspore` is most of a short job here); the others MindSpore."""
     counts, paths = LAYOUTS[layout]
-    matmul, weight = matmul_slices
+    matmul, weight = onnx_matmul_slices
     mlp, mlp_weights = mlp_slices
     dense, w1, w2 = dense_slices
     rows = 203  # batches of 16: the last one has 11 rows
@@ -165,7 +167,7 @@ def reference(tmp_path_factory, matmul_slices):
     Runtime's ranks, a rank frozen by SIGSTOP on n3 outlived the watchdog's MPI_Abort
     by 60 s and more, with its proxy and mpiexec: hydra ended it here only through its
     proxy's error path, which MindSpore's ranks happen to take.)"""
-    return reference_run(tmp_path_factory, matmul_slices, "mindspore")
+    return reference_run(tmp_path_factory, matmul_slices)
 
 
 def start_over_hosts(job: Path) -> subprocess.Popen:

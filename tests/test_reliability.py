@@ -24,6 +24,8 @@ from tests.conftest import (PYTHON, REPO, UNDER_OPENMPI, assert_clean_error, dyn
                             off_loopback_sockets, rank_pids, ranks_up, resume, run_until, stop,
                             run_cli, write_h5, write_job)
 
+pytestmark = [pytest.mark.mpi, pytest.mark.launcher]
+
 EXIT_STOPPED = 75
 ROWS, BATCH = 3000, 10
 
@@ -73,7 +75,7 @@ def datasets(path: Path) -> dict:
         return {name: f[name][()] for name in f}
 
 
-def onnx_matmul_slices(folder: Path, weight: np.ndarray) -> Path:
+def onnx_column_slices(folder: Path, weight: np.ndarray) -> Path:
     """Two column slices of y = -(x @ weight) as ONNX (exported by MindSpore, free batch)."""
     for rank in range(2):
         export_onnx(MatMulNeg(weight[:, 2 * rank:2 * rank + 2]), np.zeros((4, 96), np.float32),
@@ -82,7 +84,7 @@ def onnx_matmul_slices(folder: Path, weight: np.ndarray) -> Path:
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory, matmul_slices):
+def reference(tmp_path_factory, onnx_matmul_slices):
     """An uninterrupted run of the job every test interrupts, and its job document.
 
     Its slices are ONNX, run by ONNX Runtime: what these tests stop, kill and resume is the
@@ -90,21 +92,19 @@ def reference(tmp_path_factory, matmul_slices):
     0.4 (4 ranks, two runs a test; this file took 293 s with MindSpore on 2026-12-05). The
     default backend's own faults are tested with MindIR below (a corrupt slice, a failing
     batch), in test_collectives (kill -9 mid-collective), test_multihost and test_slurm."""
-    return reference_run(tmp_path_factory, matmul_slices, "onnxruntime")
+    return reference_run(tmp_path_factory, onnx_matmul_slices)
 
 
-def reference_run(tmp_path_factory, matmul_slices, backend: str) -> tuple[Path, dict, dict]:
+def reference_run(tmp_path_factory, slices) -> tuple[Path, dict, dict]:
     """The reference job (2 replicas of 2 column slices, 300 batches, a NaN and an inf in
-    the input) run once without interruption with `backend`: (folder, job document, output)."""
-    template, weight = matmul_slices
+    the input) run once without interruption on `slices` (conftest's matmul_slices or
+    onnx_matmul_slices): (folder, job document, output)."""
+    template, _ = slices
     folder = tmp_path_factory.mktemp("reference")
     x = np.random.default_rng(20).standard_normal((ROWS, 96)).astype(np.float32)
     x[5, 3], x[6, 4] = np.nan, np.inf
     write_h5(folder / "in.h5", {"x": x})
-    if backend == "onnxruntime":
-        template = onnx_matmul_slices(folder / "slices", weight)
-    doc = matmul_job(folder, template, ranks=2, batch_size=BATCH,
-                     model={"files": str(template), "ranks": 2, "backend": backend})
+    doc = matmul_job(folder, template, ranks=2, batch_size=BATCH)
     result = run_cli("run", write_job(folder, doc), n=4)  # 2 replicas
     assert result.returncode == 0, result.stderr
     return folder, doc, datasets(folder / "out" / "result.h5")
@@ -242,7 +242,7 @@ def test_resume_refuses_a_changed_job_input_or_slice(reference, tmp_path, change
         with h5py.File(tmp_path / "in.h5", "r+") as f:
             f["x"][7] = 1.0
     else:
-        slices = onnx_matmul_slices(tmp_path / "slices", np.ones((96, 4), np.float32))
+        slices = onnx_column_slices(tmp_path / "slices", np.ones((96, 4), np.float32))
         job = write_job(tmp_path, {**doc, "model": {**doc["model"], "files": str(slices)}})
         # The job text changed too; the message lists both.
     result = run_cli("run", job, "--resume", n=4)

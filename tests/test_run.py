@@ -6,6 +6,7 @@ import subprocess
 
 import h5py
 import numpy as np
+import pytest
 
 from tests.cells import mlp_reference
 from tests.conftest import (MPI_TIMEOUT, PYTHON, REPO, matmul_job, mpi_command, mpi_env, read_h5,
@@ -17,6 +18,7 @@ def ok(result):
     return result
 
 
+@pytest.mark.launcher
 def test_seed_demo_gives_minus_48(tmp_path):
     demo = tmp_path / "matmul"
     shutil.copytree(REPO / "jobs" / "matmul", demo, ignore=shutil.ignore_patterns("out"))
@@ -119,6 +121,7 @@ def test_several_inputs_and_outputs_int_and_float(tmp_path, multi_io_slices):
     assert part.dtype == np.int32 and np.array_equal(part, k * 3)
 
 
+@pytest.mark.launcher
 def test_single_rank_runs_without_mpiexec(tmp_path, matmul_slices):
     template, weight = matmul_slices
     x = np.random.default_rng(6).standard_normal((20, 96)).astype(np.float32)
@@ -130,8 +133,8 @@ def test_single_rank_runs_without_mpiexec(tmp_path, matmul_slices):
                                -(x @ weight[:, 6:8]), rtol=1e-5, atol=1e-5)
 
 
-def test_empty_input_gives_empty_outputs(tmp_path, matmul_slices):
-    template, _ = matmul_slices
+def test_empty_input_gives_empty_outputs(tmp_path, onnx_matmul_slices):
+    template, _ = onnx_matmul_slices
     write_h5(tmp_path / "in.h5", {"x": np.zeros((0, 96), np.float32)})
     job = write_job(tmp_path, matmul_job(tmp_path, template, ranks=2))
     ok(run_cli("run", job, n=2))
@@ -139,8 +142,8 @@ def test_empty_input_gives_empty_outputs(tmp_path, matmul_slices):
     assert y.shape == (0, 4) and y.dtype == np.float32
 
 
-def test_existing_output_is_refused_then_replaced_with_overwrite(tmp_path, matmul_slices):
-    template, weight = matmul_slices
+def test_existing_output_is_refused_then_replaced_with_overwrite(tmp_path, onnx_matmul_slices):
+    template, weight = onnx_matmul_slices
     x = np.ones((5, 96), np.float32)
     write_h5(tmp_path / "in.h5", {"x": x})
     job = write_job(tmp_path, matmul_job(tmp_path, template, ranks=2))
@@ -189,8 +192,8 @@ def test_metrics_trace_and_plain_progress(tmp_path, matmul_slices):
     assert "[rank 3] INFO" in result.stderr and "\r" not in result.stderr
 
 
-def test_output_compression_is_optional(tmp_path, matmul_slices):
-    template, weight = matmul_slices
+def test_output_compression_is_optional(tmp_path, onnx_matmul_slices):
+    template, weight = onnx_matmul_slices
     x = np.random.default_rng(9).standard_normal((30, 96)).astype(np.float32)
     write_h5(tmp_path / "in.h5", {"x": x})
     doc = matmul_job(tmp_path, template, ranks=2, batch_size=8)
@@ -202,6 +205,7 @@ def test_output_compression_is_optional(tmp_path, matmul_slices):
         np.testing.assert_allclose(f["y"][()], -(x @ weight[:, :4]), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.launcher
 def test_shared_memory_and_messages_give_the_same_outputs(tmp_path, multi_io_slices):
     """A group on one node passes batches through shared memory; with `[run] shared_memory =
     false` through messages (as a group spread over nodes does). Same bytes either way,
@@ -230,10 +234,11 @@ def test_shared_memory_and_messages_give_the_same_outputs(tmp_path, multi_io_sli
     assert np.array_equal(outputs[True][1], k + 1)
 
 
-def test_many_small_batches_on_eight_ranks_in_shared_memory(tmp_path, matmul_slices):
+@pytest.mark.launcher
+def test_many_small_batches_on_eight_ranks_in_shared_memory(tmp_path, onnx_matmul_slices):
     """Many batches through the shared slots, ranks racing each other on 2 cores: every row
     once, in place (a slot reused too early, or a batch missed, changes the output)."""
-    template, weight = matmul_slices
+    template, weight = onnx_matmul_slices
     x = np.random.default_rng(17).standard_normal((1203, 96)).astype(np.float32)
     write_h5(tmp_path / "in.h5", {"x": x}, chunks=(64, 96))
     job = write_job(tmp_path, matmul_job(tmp_path, template, batch_size=5))
@@ -243,10 +248,10 @@ def test_many_small_batches_on_eight_ranks_in_shared_memory(tmp_path, matmul_sli
                                    rtol=1e-5, atol=1e-5)
 
 
-def test_a_big_endian_input_gives_the_native_orders_output(tmp_path, matmul_slices):
+def test_a_big_endian_input_gives_the_native_orders_output(tmp_path, onnx_matmul_slices):
     """`>f4` (as some tools write) holds the same numbers as float32: validate says it converts,
     and the run's output is the native-order file's, byte for byte (contiguous, chunked, gzip)."""
-    template, weight = matmul_slices
+    template, weight = onnx_matmul_slices
     x = np.random.default_rng(21).standard_normal((29, 96)).astype(np.float32)
     outputs = []
     for name, dtype, options in (("native", "<f4", {}), ("big", ">f4", {}),

