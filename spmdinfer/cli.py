@@ -18,6 +18,7 @@ from typing import NoReturn
 
 from . import __version__
 from .errors import OutputExistsError, SpmdinferError
+from .failure import abort
 from .spec import load_spec
 from .topology import launcher_rank
 
@@ -190,7 +191,7 @@ def _run(spec, args) -> int:
         print("".join(f"[rank {world.rank}] {line}\n" for line in
                       traceback.format_exc().splitlines()), file=sys.stderr, end="", flush=True)
         if world.size > 1:
-            world.Abort(1)
+            abort(world, 1)
         return 1
     if world.rank == 0:
         summary = dataclasses.replace(summary, job=args.job)  # as the user typed it

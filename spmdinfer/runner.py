@@ -33,7 +33,7 @@ from pathlib import Path
 from .comm import DONE, Channel, Peers, settle
 from .input import InputField
 from .errors import DataError, JobFailed, PeerFailed
-from .failure import reported
+from .failure import abort, reported
 from .log import log
 from .metrics import Recorder, write_metrics, write_trace
 from .pipeline import assemble
@@ -179,7 +179,7 @@ class _Run:
             starts = list(range(0, rows, self.spec.input.batch_size)) or [0]
             pending = startup.schedule(identities, rows, starts)
             startup.start_collector(rows, identities, len(starts))
-            self.watchdog = Watchdog(self.spec.run.batch_timeout, lambda: self.world.comm.Abort(1))
+            self.watchdog = Watchdog(self.spec.run.batch_timeout, lambda: abort(self.world.comm, 1))
             self._loop(program, fields, pending, rows)
             if startup.collector is not None:
                 startup.collector.drain()

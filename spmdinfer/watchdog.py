@@ -19,7 +19,8 @@ class Watchdog:
 
     A thread (asleep but for once a timeout) compares the time of the last progress with
     `seconds`. Past it, the rank logs one line, dumps every thread's stack and calls
-    `abort` (MPI_Abort on the world), so that the launcher ends every rank on every host.
+    `abort` (failure.abort: MPI_Abort, or under MPICH's launcher a SIGKILL of this rank),
+    so that the launcher ends every rank on every host.
     So a rank waiting on a frozen peer ends that peer too, wherever it runs: MPICH's
     launcher ends only the failed rank's own host when a rank merely exits with an error,
     and srun without --kill-on-bad-exit ends nothing.

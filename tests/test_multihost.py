@@ -162,12 +162,9 @@ COUNTS = (1, 2, 1)  # replica 0: ranks 0 (n1) and 1 (n2); replica 1: ranks 2 (n2
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory, matmul_slices):
-    """test_reliability's reference job with the default backend, MindSpore. (With ONNX
-    Runtime's ranks, a rank frozen by SIGSTOP on n3 outlived the watchdog's MPI_Abort
-    by 60 s and more, with its proxy and mpiexec: hydra ended it here only through its
-    proxy's error path, which MindSpore's ranks happen to take.)"""
-    return reference_run(tmp_path_factory, matmul_slices)
+def reference(tmp_path_factory, onnx_matmul_slices):
+    """test_reliability's reference job (ONNX Runtime's ranks, as there)."""
+    return reference_run(tmp_path_factory, onnx_matmul_slices)
 
 
 def start_over_hosts(job: Path) -> subprocess.Popen:
@@ -239,10 +236,10 @@ def test_watchdog_ends_a_rank_frozen_on_another_host(reference, tmp_path):
     resume(pid for rank, pid in pids.items() if rank != 3)  # rank 3, on n3, stays frozen
     gone = all_gone(job, run, time.monotonic())
     _, stderr = run.communicate()
-    assert run.returncode != 0
-    # The ranks waiting on rank 3 abort the job, and the launcher ends rank 3 on n3.
+    # The ranks waiting on rank 3 end the job, and the launcher ends rank 3 on n3. (With
+    # MPI_Abort, rank 3, its proxy and mpiexec stayed: spmdinfer.failure.abort says why.)
     assert re.search(r"\[rank [012]\] ERROR no progress on n[12] for 3\.\d s", stderr), stderr
-    assert "MPI_Abort" in stderr
+    assert run.returncode not in (0, EXIT_STOPPED), stderr
     assert gone < 3 + 10, f"{gone:.1f} s"
     resume_over_hosts_and_compare(reference, tmp_path, job)
 

@@ -312,7 +312,7 @@ def test_watchdog_ends_a_frozen_rank(reference, tmp_path):
     _, stderr = run.communicate(timeout=60)
     assert run.returncode != 0
     assert time.monotonic() - stopped < 20
-    # A waiting rank's watchdog: one line, its stacks (faulthandler's), then MPI_Abort.
+    # A waiting rank's watchdog: one line, its stacks (faulthandler's), then it ends the job.
     assert re.search(r"\[rank \d\] ERROR no progress on \S+ for 3\.\d s \(\[run\] batch_timeout = 3\)",
                      stderr), stderr
     assert "most recent call first" in stderr
