@@ -175,11 +175,24 @@ def resume_over_hosts_and_compare(reference, folder: Path, job: Path) -> None:
     resume_and_compare(reference, folder, job, launch=hosts_command(*COUNTS))
 
 
-def all_gone(job: Path, run: subprocess.Popen, since: float) -> float:
-    """Seconds from `since` until the launcher and every rank of `job` are gone."""
-    run.wait(timeout=60)
+def all_gone(job: Path, run: subprocess.Popen, since: float) -> tuple[float, str, str]:
+    """Seconds from `since` until the launcher and every rank of `job` are gone, and the
+    launcher's stdout and stderr (read meanwhile: a launcher blocked on a full pipe would
+    never end). What is left after 60 s fails the test, listed."""
+    try:
+        stdout, stderr = run.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        left = subprocess.run(["ps", "-eo", "pid,ppid,stat,args"], capture_output=True,
+                              text=True).stdout
+        left = [line for line in left.splitlines() if "hydra" in line or str(job) in line]
+        os.killpg(run.pid, signal.SIGKILL)
+        for pid in rank_pids(job).values():
+            os.kill(pid, signal.SIGKILL)
+        stdout, stderr = run.communicate()
+        pytest.fail("the launcher did not end in 60 s; left:\n" + "\n".join(left)
+                    + f"\n--- stdout\n{stdout[-3000:]}\n--- stderr\n{stderr[-6000:]}")
     wait_for(lambda: not rank_pids(job), timeout=30)
-    return time.monotonic() - since
+    return time.monotonic() - since, stdout, stderr
 
 
 def test_the_ranks_traffic_over_hosts_stays_on_loopback(reference, tmp_path):
@@ -201,8 +214,7 @@ def test_kill_9_of_a_rank_on_another_host_then_resume(reference, tmp_path):
     pids = stopped_at(run, job, 40)
     with held(pids.values()):
         os.kill(pids[2], signal.SIGKILL)  # on n2, away from rank 0
-    gone = all_gone(job, run, time.monotonic())
-    stdout, stderr = run.communicate()
+    gone, stdout, stderr = all_gone(job, run, time.monotonic())
     assert run.returncode != 0
     # hydra names the host and the pid (the placement INFO lines map pids to ranks).
     said = " ".join((stdout + stderr).split())
@@ -234,8 +246,7 @@ def test_watchdog_ends_a_rank_frozen_on_another_host(reference, tmp_path):
     run = start_over_hosts(job)
     pids = stopped_at(run, job, 5)
     resume(pid for rank, pid in pids.items() if rank != 3)  # rank 3, on n3, stays frozen
-    gone = all_gone(job, run, time.monotonic())
-    _, stderr = run.communicate()
+    gone, _, stderr = all_gone(job, run, time.monotonic())
     # The ranks waiting on rank 3 end the job, and the launcher ends rank 3 on n3. (With
     # MPI_Abort, rank 3, its proxy and mpiexec stayed: spmdinfer.failure.abort says why.)
     assert re.search(r"\[rank [012]\] ERROR no progress on n[12] for 3\.\d s", stderr), stderr
@@ -252,8 +263,7 @@ def test_a_stop_signal_reaching_one_hosts_ranks_only(reference, tmp_path, signum
     with held(pids.values()):
         for rank in (1, 2):  # both ranks on n2, as a host's own Slurm daemon would signal them
             os.kill(pids[rank], signum)
-    gone = all_gone(job, run, time.monotonic())
-    _, stderr = run.communicate()
+    gone, _, stderr = all_gone(job, run, time.monotonic())
     assert run.returncode == EXIT_STOPPED, stderr
     assert "stopped early" in stderr and "--resume" in stderr
     assert gone < 10
