@@ -299,14 +299,21 @@ def onnx_matmul_slices(tmp_path_factory, matmul_slices):
     Tests of the runner where the backend plays no part run on these: each rank's `import
     mindspore` costs 3 to 4.5 CPU seconds here against onnxruntime's 0.4, which on 2 cores is
     most of a short job. The default backend's own paths keep the MindIR slices."""
+    _, weight = matmul_slices
+    folder = tmp_path_factory.mktemp("matmul_onnx")
+    return onnx_column_slices(folder, weight, "device{rank}/matmul.onnx"), weight
+
+
+def onnx_column_slices(folder: Path, weight: np.ndarray, name: str) -> Path:
+    """Column slices of y = -(x @ weight), two columns a rank, as ONNX (exported by
+    MindSpore, free batch) at folder/NAME; the file template."""
     from tests.cells import MatMulNeg
 
-    template, weight = matmul_slices
-    folder = tmp_path_factory.mktemp("matmul_onnx")
-    for rank in range(8):
-        export_onnx(MatMulNeg(weight[:, 2 * rank:2 * rank + 2]), np.zeros((4, 96), np.float32),
-                    folder / f"device{rank}" / "matmul.onnx", free_batch=True)
-    return folder / "device{rank}" / "matmul.onnx", weight
+    for rank in range(weight.shape[1] // 2):
+        export_onnx(MatMulNeg(weight[:, 2 * rank:2 * rank + 2]),
+                    np.zeros((4, weight.shape[0]), np.float32),
+                    folder / name.format(rank=rank), free_batch=True)
+    return folder / name
 
 
 def matmul_job(folder: Path, template: Path, ranks: int = 8, batch_size: int = 96,

@@ -20,7 +20,7 @@ import pytest
 from spmdinfer.journal import LOG, committed_batches, parts_folder
 from tests.cells import FixedBatchOnly, MatMulNeg
 from tests.conftest import (PYTHON, REPO, UNDER_OPENMPI, assert_clean_error, dynamic, export_mindir,
-                            export_onnx, forward, held, matmul_job, mpi_command, mpi_env,
+                            forward, held, matmul_job, mpi_command, mpi_env, onnx_column_slices,
                             off_loopback_sockets, rank_pids, ranks_up, resume, run_until, stop,
                             run_cli, write_h5, write_job)
 
@@ -73,14 +73,6 @@ def datasets(path: Path) -> dict:
     with h5py.File(path, "r") as f:
         assert f.attrs["complete"]
         return {name: f[name][()] for name in f}
-
-
-def onnx_column_slices(folder: Path, weight: np.ndarray) -> Path:
-    """Two column slices of y = -(x @ weight) as ONNX (exported by MindSpore, free batch)."""
-    for rank in range(2):
-        export_onnx(MatMulNeg(weight[:, 2 * rank:2 * rank + 2]), np.zeros((4, 96), np.float32),
-                    folder / f"s{rank}.onnx", free_batch=True)
-    return folder / "s{rank}.onnx"
 
 
 @pytest.fixture(scope="module")
@@ -242,7 +234,7 @@ def test_resume_refuses_a_changed_job_input_or_slice(reference, tmp_path, change
         with h5py.File(tmp_path / "in.h5", "r+") as f:
             f["x"][7] = 1.0
     else:
-        slices = onnx_column_slices(tmp_path / "slices", np.ones((96, 4), np.float32))
+        slices = onnx_column_slices(tmp_path / "slices", np.ones((96, 4), np.float32), "s{rank}.onnx")
         job = write_job(tmp_path, {**doc, "model": {**doc["model"], "files": str(slices)}})
         # The job text changed too; the message lists both.
     result = run_cli("run", job, "--resume", n=4)
