@@ -54,6 +54,7 @@ from typing import NoReturn
 from .errors import BackendError, PeerFailed, SpmdinferError
 from .log import log
 from .mindir import WORLD_GROUPS, Collective, read_collectives
+from .topology import under_hydra
 
 # What MindSpore 2.10's CPU runtime runs from a MindIR slice (docs/collectives.md has the
 # measurements): AllGather in the world group, AllReduce with sum (float32, float16), and
@@ -472,11 +473,14 @@ def _tell_hydra_finalized(library: str) -> None:
     failed, and kills every other rank of the job still running: a finished job ended "Killed
     (signal 9)", exit 9 (docs/collectives.md). libc's exit() would run the handler, but also
     MindSpore's C++ static destructors, which crashed every time (SIGSEGV). Only under hydra
-    (its PMI_FD and HYDI_CONTROL_FD in the environment), which speaks PMI-1 there; another
-    launcher's ranks exit as before.
+    (`topology.under_hydra`, with its PMI_FD), which speaks PMI-1 there, however its proxy was
+    started; another launcher's ranks exit as before. (The test was once hydra's
+    HYDI_CONTROL_FD, set only where mpiexec forks the proxy itself: under `-launcher slurm` or
+    ssh every rank exited untold, and a rank slower to exit than the first was killed now and
+    then, "exit 9" for a finished job.)
     """
     fd = os.environ.get("PMI_FD", "")
-    if not (library.startswith("MPICH") and fd.isdigit() and "HYDI_CONTROL_FD" in os.environ):
+    if not (library.startswith("MPICH") and fd.isdigit() and under_hydra()):
         return
     try:
         os.write(int(fd), b"cmd=finalize\n")

@@ -10,7 +10,7 @@ from typing import NoReturn
 
 from .errors import SpmdinferError
 from .log import log
-from .topology import RankInfo
+from .topology import RankInfo, under_hydra
 
 
 def reported(exc: BaseException, info: RankInfo | None) -> tuple[BaseException, int]:
@@ -35,7 +35,7 @@ def abort(comm, code: int = 1) -> NoReturn:
     2.4 s over three emulated hosts). mpiexec then exits 9 or 255, its "BAD TERMINATION"
     banner under this rank's own message. Open MPI's mpirun and srun end every host's ranks
     on MPI_Abort."""
-    if "MPI_LOCALRANKID" in os.environ:  # set by hydra's proxy for each rank it starts
+    if under_hydra():
         sys.stdout.flush()
         sys.stderr.flush()
         os.kill(os.getpid(), signal.SIGKILL)

@@ -20,6 +20,14 @@ LOCAL_SIZE_VARIABLES = ("OMPI_COMM_WORLD_LOCAL_SIZE", "MPI_LOCALNRANKS", "SLURM_
 WORLD_RANK_VARIABLES = ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK", "SLURM_PROCID")
 
 
+def under_hydra() -> bool:
+    """Whether MPICH's launcher (hydra) started this rank. Its proxy sets MPI_LOCALRANKID for
+    every rank it starts, whatever started the proxy (mpiexec's fork, ssh, srun under
+    `-launcher slurm`); srun's own PMI and Open MPI set other names. (HYDI_CONTROL_FD, which
+    spmdinfer once read, is there only when mpiexec forked the proxy itself.)"""
+    return "MPI_LOCALRANKID" in os.environ
+
+
 @dataclass(frozen=True)
 class Layout:
     """Where a world rank sits: replica, then stage, then rank inside the stage.
