@@ -18,9 +18,10 @@ from typing import NoReturn
 
 from . import __version__
 from .errors import OutputExistsError, SpmdinferError
-from .failure import abort
+from .failure import abort, bound_exit
 from .spec import load_spec
 from .topology import launcher_rank
+from .watchdog import GRACE_SECONDS
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -183,6 +184,8 @@ def _run(spec, args) -> int:
         summary = run_job(spec, world, overwrite=args.overwrite, resume=args.resume,
                           progress=not args.no_progress, metrics=args.metrics, trace=args.trace)
     except SpmdinferError as exc:
+        if world.size > 1:
+            bound_exit(spec.run.batch_timeout + GRACE_SECONDS)
         if world.rank == 0:
             _error(exc)
         return exc.exit_code
@@ -193,6 +196,8 @@ def _run(spec, args) -> int:
         if world.size > 1:
             abort(world, 1)
         return 1
+    if world.size > 1:
+        bound_exit(spec.run.batch_timeout + GRACE_SECONDS)
     if world.rank == 0:
         summary = dataclasses.replace(summary, job=args.job)  # as the user typed it
         print(summary, file=sys.stderr if summary.outcome == "stopped" else sys.stdout, flush=True)

@@ -3,6 +3,7 @@ and how a rank that cannot wait for the others ends the job."""
 
 from __future__ import annotations
 
+import math
 import os
 import signal
 import sys
@@ -41,3 +42,18 @@ def abort(comm, code: int = 1) -> NoReturn:
         os.kill(os.getpid(), signal.SIGKILL)
     comm.Abort(code)
     raise AssertionError("MPI_Abort returned")  # it does not
+
+
+def bound_exit(seconds: float) -> None:
+    """End this process with SIGALRM if it has not exited `seconds` from now: for a rank of
+    the `spmdinfer` command whose run is over, never for a caller of the library.
+
+    Past the run's last barrier (runner, under the watchdog) only the exit is left, and
+    with it MPI_Finalize, which waits for every rank while it holds the GIL: no thread of
+    this process runs meanwhile, so the watchdog could not end a job whose rank froze just
+    there. The kernel can: a rank dead of a signal is a failed rank to every launcher,
+    which ends the job on every host (hydra's mpiexec reports "EXIT CODE: 14"). The
+    output is complete by then; `seconds <= 0` (the watchdog off) leaves the exit unbounded."""
+    if seconds > 0:
+        signal.signal(signal.SIGALRM, signal.SIG_DFL)
+        signal.alarm(max(1, math.ceil(seconds)))

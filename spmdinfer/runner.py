@@ -185,9 +185,11 @@ class _Run:
                 startup.collector.drain()
             self.world.flush()
             # The finish waits for every rank too: a rank frozen there (after its last batch)
-            # must end the job as it would mid-run, not hang it.
+            # must end the job as it would mid-run, not hang it. So does the last barrier:
+            # past it only MPI_Finalize waits for the others (cli bounds that).
             self.watchdog.kick()
             outcome, remaining, batches, done = self._finish(starts)
+            self.world.wait(self.world.comm.Ibarrier())
             self.watchdog.stop()
         except BaseException as exc:
             raise self._fail(exc) from None

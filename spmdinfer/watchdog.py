@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import faulthandler
 import threading
 import time
@@ -12,6 +13,7 @@ from .topology import node_name
 
 REARM_SHARE = 8  # faulthandler's timer is re-armed after 1/REARM_SHARE of the timeout has passed
 GRACE_SECONDS = 5.0  # faulthandler's timer fires this long after the watchdog thread should have
+THREAD_NAME = "spmdinfer-watch"  # also the OS thread's name (top -H, gdb, /proc/PID/task/*/comm)
 
 
 class Watchdog:
@@ -39,7 +41,7 @@ class Watchdog:
         self._armed = float("-inf")
         self._stopped = threading.Event()
         if seconds > 0:
-            threading.Thread(target=self._watch, name="spmdinfer-watchdog", daemon=True).start()
+            threading.Thread(target=self._watch, name=THREAD_NAME, daemon=True).start()
         self.kick()
 
     def kick(self) -> None:
@@ -55,6 +57,7 @@ class Watchdog:
         faulthandler.cancel_dump_traceback_later()
 
     def _watch(self) -> None:
+        _name_os_thread(THREAD_NAME)
         while not self._stopped.wait(max(0.05, self._last + self.seconds - time.monotonic())):
             idle = time.monotonic() - self._last
             if idle < self.seconds or self._stopped.is_set():
@@ -65,3 +68,11 @@ class Watchdog:
             faulthandler.dump_traceback(all_threads=True)
             self.abort()
             return
+
+
+def _name_os_thread(name: str) -> None:
+    """Give the calling thread `name` where the OS shows it (Linux: 15 bytes at most)."""
+    try:
+        ctypes.CDLL(None).prctl(15, name.encode()[:15], 0, 0, 0)  # PR_SET_NAME
+    except (OSError, AttributeError):
+        pass

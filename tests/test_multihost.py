@@ -26,7 +26,8 @@ from tests.export_collectives import seed_weight
 from tests.test_collectives import collective_slices, job as collective_job  # noqa: F401 (fixture)
 from tests.test_layouts import dense_slices, job as layout_job, rows_input  # noqa: F401 (fixture)
 from tests.test_reliability import (EXIT_STOPPED, copy_job, reference_run, resume_and_compare,
-                                    start_run, stopped_at, wait_for)
+                                    run_frozen_at_exit, start_run, stopped_at, stopped_while_watching,
+                                    wait_for)
 
 pytestmark = [
     pytest.mark.mpi,
@@ -244,7 +245,7 @@ def test_an_error_on_another_host_is_one_line_naming_rank_and_host(tmp_path, mat
 def test_watchdog_ends_a_rank_frozen_on_another_host(reference, tmp_path):
     job = copy_job(reference, tmp_path, batch_timeout=3)
     run = start_over_hosts(job)
-    pids = stopped_at(run, job, 5)
+    pids = stopped_while_watching(run, job)
     resume(pid for rank, pid in pids.items() if rank != 3)  # rank 3, on n3, stays frozen
     gone, _, stderr = all_gone(job, run, time.monotonic())
     # The ranks waiting on rank 3 end the job, and the launcher ends rank 3 on n3. (With
@@ -253,6 +254,14 @@ def test_watchdog_ends_a_rank_frozen_on_another_host(reference, tmp_path):
     assert run.returncode not in (0, EXIT_STOPPED), stderr
     assert gone < 3 + 10, f"{gone:.1f} s"
     resume_over_hosts_and_compare(reference, tmp_path, job)
+
+
+def test_a_rank_frozen_in_the_exit_on_a_third_host_is_ended(tmp_path):
+    # test_reliability's case over three hosts, the frozen rank on n3: the ranks on n1 and n2
+    # die of the alarm, and hydra ends n3's rank (failure.bound_exit).
+    gone, output = run_frozen_at_exit(2, 3, hosts_command(1, 1, 1))
+    assert gone is not None, output
+    print(f"\na rank frozen in the exit on n3, bound 2 s: every process gone in {gone:.2f} s")
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1])

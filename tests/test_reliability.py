@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 from spmdinfer.journal import LOG, committed_batches, parts_folder
+from spmdinfer.watchdog import THREAD_NAME
 from tests.cells import FixedBatchOnly, MatMulNeg
 from tests.conftest import (PYTHON, REPO, UNDER_OPENMPI, assert_clean_error, dynamic, export_mindir,
                             forward, held, matmul_job, mpi_command, mpi_env, onnx_column_slices,
@@ -50,6 +51,26 @@ def stopped_at(run: subprocess.Popen, job: Path, batches: int, n: int = 4) -> di
     log = parts_folder(job.parent / "out" / "result.h5") / LOG
     run_until(pids.values(), log.exists, run, step=0.05)
     run_until(pids.values(), lambda: committed(job.parent) >= batches, run)
+    return pids
+
+
+def watching(pid: int) -> bool:
+    """Whether rank `pid`'s watchdog thread (its OS thread name THREAD_NAME) is alive: the rank
+    is in its run, between its first batch and the run's last barrier."""
+    try:
+        return any((task / "comm").read_text().strip() == THREAD_NAME
+                   for task in Path(f"/proc/{pid}/task").iterdir())
+    except OSError:
+        return False
+
+
+def stopped_while_watching(run: subprocess.Popen, job: Path, n: int = 4) -> dict[int, int]:
+    """The ranks of `run` (rank -> pid), stopped once every one is in its run (`watching`):
+    by its own state, not by rank 0's commits, which under load came when the ranks had
+    passed their last batch and, frozen there, one hung the others in MPI_Finalize."""
+    pids = ranks_up(job, n, run)
+    stop(pids.values())
+    run_until(pids.values(), lambda: all(watching(pid) for pid in pids.values()), run, step=0.05)
     return pids
 
 
@@ -298,7 +319,7 @@ def test_second_run_on_the_same_output_fails_fast_and_stale_lock_is_taken(refere
 def test_watchdog_ends_a_frozen_rank(reference, tmp_path):
     job = copy_job(reference, tmp_path, batch_timeout=3)
     run = start_run(job, 4)
-    pids = stopped_at(run, job, 5)  # all stopped, then all but rank 1 continued
+    pids = stopped_while_watching(run, job)  # all stopped, then all but rank 1 continued
     resume(pid for rank, pid in pids.items() if rank != 1)
     stopped = time.monotonic()
     _, stderr = run.communicate(timeout=60)
@@ -309,6 +330,60 @@ def test_watchdog_ends_a_frozen_rank(reference, tmp_path):
                      stderr), stderr
     assert "most recent call first" in stderr
     resume_and_compare(reference, tmp_path, job)
+
+
+# The last step of a rank of the `spmdinfer` command: its run over, it exits (MPI_Finalize,
+# which waits for every rank); the last rank freezes there. argv: bound_exit's seconds.
+FROZEN_AT_EXIT = """# frozen-at-exit
+import os, signal, sys
+from mpi4py import MPI
+from spmdinfer.failure import bound_exit
+
+comm = MPI.COMM_WORLD
+comm.Barrier()
+bound_exit(float(sys.argv[1]))
+if comm.rank == comm.size - 1:
+    os.kill(os.getpid(), signal.SIGSTOP)
+"""
+
+
+def run_frozen_at_exit(seconds: float, n: int, launch: list[str]) -> tuple[float | None, str]:
+    """FROZEN_AT_EXIT under `launch`: (seconds until every process is gone, or None if the
+    launcher was still there 30 s after the bound; the launcher's output)."""
+    began = time.monotonic()
+    run = subprocess.Popen([*launch, PYTHON, "-c", FROZEN_AT_EXIT, str(seconds)], cwd=REPO,
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                           env=mpi_env(), start_new_session=True, stdin=subprocess.DEVNULL)
+    try:
+        output = run.communicate(timeout=max(seconds, 0) + 30)[0]
+    except subprocess.TimeoutExpired:
+        os.killpg(run.pid, signal.SIGKILL)  # the frozen rank is in the launcher's group
+        return None, run.communicate()[0]
+    wait_for(lambda: not any("# frozen-at-exit" in cmdline for cmdline in cmdlines()), 30)
+    return time.monotonic() - began, output
+
+
+def cmdlines() -> list[str]:
+    found = []
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            found.append((proc / "cmdline").read_text())
+        except OSError:
+            pass
+    return found
+
+
+@pytest.mark.parametrize("seconds", [2, 0], ids=["bounded", "unbounded"])
+def test_a_rank_frozen_in_the_exit_ends_the_job_past_the_bound(seconds):
+    # Past the run's last barrier the watchdog is stopped and MPI_Finalize holds the GIL:
+    # failure.bound_exit's alarm ends the waiting ranks with SIGALRM, and the launcher the
+    # frozen one. Unbounded (batch_timeout = 0), the job stays: what the bound prevents.
+    gone, output = run_frozen_at_exit(seconds, 3, mpi_command(3))
+    if seconds:
+        assert gone is not None, output
+        print(f"\na rank frozen in the exit, bound 2 s: every process gone in {gone:.2f} s")
+    else:
+        assert gone is None, output
 
 
 def test_resume_of_a_complete_output_does_nothing(reference, tmp_path):
