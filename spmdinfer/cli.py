@@ -184,8 +184,7 @@ def _run(spec, args) -> int:
         summary = run_job(spec, world, overwrite=args.overwrite, resume=args.resume,
                           progress=not args.no_progress, metrics=args.metrics, trace=args.trace)
     except SpmdinferError as exc:
-        if world.size > 1:
-            bound_exit(spec.run.batch_timeout + GRACE_SECONDS)
+        _bound_exit(spec, world)
         if world.rank == 0:
             _error(exc)
         return exc.exit_code
@@ -196,12 +195,18 @@ def _run(spec, args) -> int:
         if world.size > 1:
             abort(world, 1)
         return 1
-    if world.size > 1:
-        bound_exit(spec.run.batch_timeout + GRACE_SECONDS)
+    _bound_exit(spec, world)
     if world.rank == 0:
         summary = dataclasses.replace(summary, job=args.job)  # as the user typed it
         print(summary, file=sys.stderr if summary.outcome == "stopped" else sys.stdout, flush=True)
     return EXIT_STOPPED if summary.outcome == "stopped" else 0
+
+
+def _bound_exit(spec, world) -> None:
+    """The run is over on every rank: the exit may take the watchdog's time and its grace,
+    no longer (failure.bound_exit); unbounded where the watchdog is off or alone."""
+    if world.size > 1 and spec.run.batch_timeout > 0:
+        bound_exit(spec.run.batch_timeout + GRACE_SECONDS)
 
 
 def _error(exc: SpmdinferError) -> None:

@@ -11,12 +11,14 @@ import signal
 import socket
 import subprocess
 import time
+import types
 from pathlib import Path
 
 import h5py
 import numpy as np
 import pytest
 
+from spmdinfer import cli
 from spmdinfer.journal import LOG, committed_batches, parts_folder
 from spmdinfer.watchdog import THREAD_NAME
 from tests.cells import FixedBatchOnly, MatMulNeg
@@ -384,6 +386,20 @@ def test_a_rank_frozen_in_the_exit_ends_the_job_past_the_bound(seconds):
         print(f"\na rank frozen in the exit, bound 2 s: every process gone in {gone:.2f} s")
     else:
         assert gone is None, output
+
+
+@pytest.mark.parametrize("timeout, size, alarm", [(3, 4, 8), (0, 4, 0), (3, 1, 0)],
+                         ids=["watchdog-on", "watchdog-off", "one-rank"])
+def test_the_command_bounds_its_exit_only_where_the_watchdog_is_on(timeout, size, alarm):
+    # The alarm: batch_timeout plus the watchdog's 5 s of grace; none where
+    # batch_timeout = 0 turns the watchdog off, nor for a rank alone.
+    spec = types.SimpleNamespace(run=types.SimpleNamespace(batch_timeout=timeout))
+    previous = signal.getsignal(signal.SIGALRM)
+    try:
+        cli._bound_exit(spec, types.SimpleNamespace(size=size))
+        assert signal.alarm(0) == alarm  # what was left of it, and cancelled
+    finally:
+        signal.signal(signal.SIGALRM, previous)
 
 
 def test_resume_of_a_complete_output_does_nothing(reference, tmp_path):
