@@ -167,6 +167,12 @@ def _inspect(args) -> int:
     return 0
 
 
+# The least time a rank's exit gets once its run is over, whatever [run] batch_timeout says:
+# rank 0 may still write --metrics and --trace files, and a cluster's workers wait for each
+# other (cluster.leave, up to 60 s) while the others wait in MPI_Finalize.
+EXIT_SECONDS = 120.0
+
+
 def _run(spec, args) -> int:
     # Open MPI 5 warns once per rank, at the first shared-memory window, that its UCX
     # one-sided component cannot serve it (osc/sm does); spmdinfer opens no other windows.
@@ -203,10 +209,11 @@ def _run(spec, args) -> int:
 
 
 def _bound_exit(spec, world) -> None:
-    """The run is over on every rank: the exit may take the watchdog's time and its grace,
-    no longer (failure.bound_exit); unbounded where the watchdog is off or alone."""
+    """The run is over on every rank: the exit may take the watchdog's time (at least
+    EXIT_SECONDS) and its grace, no longer (failure.bound_exit); unbounded where the
+    watchdog is off or alone."""
     if world.size > 1 and spec.run.batch_timeout > 0:
-        bound_exit(spec.run.batch_timeout + GRACE_SECONDS)
+        bound_exit(max(spec.run.batch_timeout, EXIT_SECONDS) + GRACE_SECONDS)
 
 
 def _error(exc: SpmdinferError) -> None:

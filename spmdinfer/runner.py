@@ -186,7 +186,8 @@ class _Run:
             self.world.flush()
             # The finish waits for every rank too: a rank frozen there (after its last batch)
             # must end the job as it would mid-run, not hang it. So does the last barrier:
-            # past it only MPI_Finalize waits for the others (cli bounds that).
+            # past it only the exit waits for the others (and, with --metrics or --trace,
+            # the gather of their timings): the spmdinfer command bounds that (cli).
             self.watchdog.kick()
             outcome, remaining, batches, done = self._finish(starts)
             self.world.wait(self.world.comm.Ibarrier())

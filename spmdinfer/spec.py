@@ -421,11 +421,16 @@ def _parse_output(table: dict, base: Path) -> OutputSpec:
                       sources=tuple((name, sources[name]) for name in names) if sources else ())
 
 
+MAX_BATCH_TIMEOUT = 10 ** 7  # seconds (116 days): what signal.alarm and the timers take
+
+
 def _parse_run(table: dict) -> RunSpec:
     _check_keys(table, _fields(RunSpec), "[run]")
     timeout = table.get("batch_timeout", RunSpec.batch_timeout)
-    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout < 0:
-        raise SpecError(f"[run] batch_timeout must be a number of seconds >= 0 (0 = off), got {timeout!r}")
+    if (isinstance(timeout, bool) or not isinstance(timeout, (int, float))
+            or not 0 <= timeout <= MAX_BATCH_TIMEOUT):
+        raise SpecError(f"[run] batch_timeout must be a number of seconds from 0 (off) to "
+                        f"{MAX_BATCH_TIMEOUT:,}, got {timeout!r}")
     max_attempts = _integer(table, "max_attempts", "[run]", RunSpec.max_attempts, minimum=1)
     flags = {}
     for key in ("fsync", "shared_memory"):

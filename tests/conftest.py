@@ -164,7 +164,8 @@ def forward(run: subprocess.Popen, pids, signum: signal.Signals, timeout: float 
     two CPU hogs), and continued ranks at times finished the job first (a loaded CI run):
     there the signal is sent to mpirun and the ranks go on in short steps, apart, until the
     run ends (the signal stops it at a batch boundary), so that the signal lands mid-run.
-    (Sent to stopped ranks, it reached them once they ran again: 7 times in 8, idle.)"""
+    (Sent while they were stopped, it reached them every time, though only once they ran
+    again in 7 tries of 8, idle: hence the steps.)"""
     pids = list(pids)
     if UNDER_OPENMPI:
         run.send_signal(signum)

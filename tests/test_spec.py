@@ -132,6 +132,9 @@ y = "concat:-1"
      "[output.from] must name where every output comes from; z missing"),
     ("[input]\nfile='a'\n[input.datasets]\nx='/x'\n[output]\nfile='b'\n[output.datasets]\ny='/y'",
      "missing table [model]"),
+    (BASE + "[run]\nbatch_timeout = nan\n", "[run] batch_timeout must be a number of seconds from 0 (off)"),
+    (BASE + "[run]\nbatch_timeout = inf\n", "to 10,000,000, got inf"),
+    (BASE + "[run]\nbatch_timeout = -1\n", "[run] batch_timeout must be"),
 ])
 def test_bad_job_files_name_the_key(text, needle):
     with pytest.raises(SpecError) as err:
