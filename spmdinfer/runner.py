@@ -190,7 +190,7 @@ class _Run:
             # the gather of their timings): the spmdinfer command bounds that (cli).
             self.watchdog.kick()
             outcome, remaining, batches, done = self._finish(starts)
-            self.world.wait(self.world.comm.Ibarrier())
+            self.world.barrier()
             self.watchdog.stop()
         except BaseException as exc:
             raise self._fail(exc) from None

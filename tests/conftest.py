@@ -91,21 +91,32 @@ def run_cli(*args, n: int | None = None, timeout: float = MPI_TIMEOUT, env: dict
     return result
 
 
+def pids_running(needle: str) -> list[int]:
+    """The processes whose command line holds `needle`."""
+    found = []
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            if needle in (proc / "cmdline").read_text():
+                found.append(int(proc.name))
+        except OSError:
+            pass
+    return found
+
+
 def rank_pids(job: Path) -> dict[int, int]:
     """rank -> pid of the spmdinfer processes running `job` (read from the rank variable
     their launcher set: MPICH's PMI_RANK, Open MPI's OMPI_COMM_WORLD_RANK)."""
     pids = {}
-    for proc in Path("/proc").iterdir():
+    for pid in pids_running(str(job)):
+        proc = Path(f"/proc/{pid}")
         try:
-            if not proc.name.isdigit() or str(job) not in (proc / "cmdline").read_text():
-                continue
             env = dict(item.split("=", 1) for item in (proc / "environ").read_text().split("\0")
                        if "=" in item)
+            rank = env.get("PMI_RANK", env.get("OMPI_COMM_WORLD_RANK"))
+            if rank is not None and "spmdinfer" in (proc / "cmdline").read_text():
+                pids[int(rank)] = pid
         except (OSError, ValueError):
             continue
-        rank = env.get("PMI_RANK", env.get("OMPI_COMM_WORLD_RANK"))
-        if rank is not None and "spmdinfer" in (proc / "cmdline").read_text():
-            pids[int(rank)] = int(proc.name)
     return pids
 
 

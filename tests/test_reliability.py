@@ -24,8 +24,8 @@ from spmdinfer.watchdog import THREAD_NAME
 from tests.cells import FixedBatchOnly, MatMulNeg
 from tests.conftest import (PYTHON, REPO, UNDER_OPENMPI, assert_clean_error, dynamic, export_mindir,
                             forward, held, matmul_job, mpi_command, mpi_env, onnx_column_slices,
-                            off_loopback_sockets, rank_pids, ranks_up, resume, run_until, stop,
-                            run_cli, write_h5, write_job)
+                            off_loopback_sockets, pids_running, rank_pids, ranks_up, resume,
+                            run_cli, run_until, stop, write_h5, write_job)
 
 pytestmark = [pytest.mark.mpi, pytest.mark.launcher]
 
@@ -360,23 +360,13 @@ def run_frozen_at_exit(seconds: float, n: int, launch: list[str]) -> tuple[float
         output = run.communicate(timeout=max(seconds, 0) + 30)[0]
     except subprocess.TimeoutExpired:
         os.killpg(run.pid, signal.SIGKILL)
-        for pid in script_pids():  # Open MPI puts each rank in a process group of its own
+        # Open MPI puts each rank in a process group of its own.
+        for pid in pids_running("# frozen-at-exit"):
             os.kill(pid, signal.SIGKILL)
         return None, run.communicate()[0]
-    wait_for(lambda: not script_pids(), 30)
+    wait_for(lambda: not pids_running("# frozen-at-exit"), 30)
     return time.monotonic() - began, output
 
-
-def script_pids() -> list[int]:
-    """The processes running FROZEN_AT_EXIT, the launcher included."""
-    found = []
-    for proc in Path("/proc").glob("[0-9]*"):
-        try:
-            if "# frozen-at-exit" in (proc / "cmdline").read_text():
-                found.append(int(proc.name))
-        except OSError:
-            pass
-    return found
 
 
 @pytest.mark.parametrize("seconds", [2, 0], ids=["bounded", "unbounded"])
