@@ -40,7 +40,6 @@ import atexit
 import ctypes
 import faulthandler
 import os
-import select
 import signal
 import socket
 import subprocess
@@ -51,10 +50,10 @@ import time
 from dataclasses import dataclass
 from typing import NoReturn
 
+from . import exiting
 from .errors import BackendError, PeerFailed, SpmdinferError
 from .log import log
 from .mindir import WORLD_GROUPS, Collective, read_collectives
-from .topology import under_hydra
 
 # What MindSpore 2.10's CPU runtime runs from a MindIR slice (docs/collectives.md has the
 # measurements): AllGather in the world group, AllReduce with sum (float32, float16), and
@@ -429,14 +428,13 @@ def leave(code: int) -> NoReturn:
     """End a process that joined a MindSpore cluster, once the run is over, without
     MindSpore's exit hooks and without the interpreter's teardown: the cluster's workers wait
     for each other over MPI, the scheduler is killed and reaped, MPI is finalized (and
-    MPICH's launcher told so, `_tell_hydra_finalized`), and the process exits with `code`.
+    MPICH's launcher told so: `exiting.leave`), and the process exits with `code`.
 
     MindSpore's C++ exit hook crashed (SIGSEGV) now and then in a worker under load, after
     the output was complete: a failed job for a finished run. faulthandler's stacks put it
     there (docs/collectives.md). Nothing it does is needed here: it tells the scheduler the
     worker is done (the scheduler is spmdinfer's child, and killed) and frees what the
-    process's exit frees anyway. Nor is the teardown: the output is closed and renamed, and
-    every thread left is a daemon.
+    process's exit frees anyway. The rest is `exiting.leave`'s.
     """
     for stream in (sys.stdout, sys.stderr):
         try:
@@ -455,47 +453,7 @@ def leave(code: int) -> NoReturn:
         _scheduler_idle = _together(_workers, LEAVE_SECONDS) if code in (0, EXIT_STOPPED) else True
     # The atexit hooks left, latest first: _quiet_teardown, Scheduler._wait_at_exit (the
     # first worker kills the scheduler), comm._finalize_before_teardown, logging's flush.
-    atexit._run_exitfuncs()
-    from mpi4py import MPI
-
-    if MPI.Is_initialized() and not MPI.Is_finalized():
-        MPI.Finalize()
-        _tell_hydra_finalized(MPI.Get_library_version())
-    os._exit(code)
-
-
-def _tell_hydra_finalized(library: str) -> None:
-    """Do what MPICH's C atexit handler would: tell MPICH's launcher (hydra) over PMI-1 that
-    this process has finalized.
-
-    MPICH 5 sends its PMI finalize from a C atexit handler, not from MPI_Finalize, and
-    os._exit runs no such handler. hydra takes a process that exits without it for one that
-    failed, and kills every other rank of the job still running: a finished job ended "Killed
-    (signal 9)", exit 9 (docs/collectives.md). libc's exit() would run the handler, but also
-    MindSpore's C++ static destructors, which crashed every time (SIGSEGV). Only under hydra
-    (`topology.under_hydra`, with its PMI_FD), which speaks PMI-1 there, however its proxy was
-    started; another launcher's ranks exit as before. (The test was once hydra's
-    HYDI_CONTROL_FD, set only where mpiexec forks the proxy itself: under `-launcher slurm` or
-    ssh every rank exited untold, and a rank slower to exit than the first was killed now and
-    then, "exit 9" for a finished job.)
-    """
-    fd = os.environ.get("PMI_FD", "")
-    if not (library.startswith("MPICH") and fd.isdigit() and under_hydra()):
-        return
-    try:
-        os.write(int(fd), b"cmd=finalize\n")
-        deadline = time.monotonic() + 10.0
-        reply = b""
-        while b"\n" not in reply and time.monotonic() < deadline:
-            ready, _, _ = select.select([int(fd)], [], [], max(0.0, deadline - time.monotonic()))
-            if not ready:
-                break
-            chunk = os.read(int(fd), 1024)
-            if not chunk:
-                break
-            reply += chunk
-    except OSError:
-        pass  # the launcher is gone: nobody is left to kill the other ranks
+    exiting.leave(code)
 
 
 def _together(comm, seconds: float) -> bool:

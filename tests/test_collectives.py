@@ -324,13 +324,13 @@ def test_a_cluster_worker_exits_with_its_code_past_the_teardown(tmp_path):
 LINGER = """
 import os, sys, time
 from mpi4py import MPI
-from spmdinfer import cluster
+from spmdinfer import exiting
 
 rank = MPI.COMM_WORLD.rank
 MPI.COMM_WORLD.Barrier()
 MPI.Finalize()
 if sys.argv[1] == "tell":
-    cluster._tell_hydra_finalized(MPI.Get_library_version())
+    exiting.tell_hydra_finalized(MPI.Get_library_version())
 if rank % 2 == 0:  # still at work when the odd ranks have exited
     time.sleep(float(sys.argv[3]))
     open(sys.argv[2] + str(rank), "w").close()
