@@ -99,12 +99,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def console() -> NoReturn:
-    """The `spmdinfer` command: `main`, and an exit that suits what the process joined."""
+    """The `spmdinfer` command: `main`, and an exit that suits what the process joined. A
+    run that every rank ended alike (complete, or stopped to resume) leaves without the
+    interpreter's teardown (`exiting.leave`); a failed one exits as Python does."""
     code = main()
-    from . import cluster
+    from . import cluster, exiting
 
     if cluster.is_member():
         cluster.leave(code)
+    if exiting.mpi_started():
+        from .runner import EXIT_STOPPED
+
+        if code in (0, EXIT_STOPPED):
+            exiting.leave(code)
     sys.exit(code)
 
 

@@ -203,3 +203,33 @@ def test_the_readme_example_runs_as_written(tmp_path, matmul_slices):
     out = tmp_path / "out" / "result.h5"
     np.testing.assert_array_equal(read_h5(out, "/label"), y.argmax(axis=1))
     np.testing.assert_allclose(read_h5(out, "/score"), y.max(axis=1), rtol=1e-5, atol=1e-6)
+
+
+EXIT_MARKS = '''
+import atexit, os
+from hooks import fails_at_rows_30, widen  # noqa: F401  (the job's preprocesses)
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+class Teardown:
+    def __del__(self, os=os, path=os.path.join(HERE, f"teardown-{os.getpid()}")):
+        os.close(os.open(path, os.O_CREAT | os.O_WRONLY))  # runs in the teardown only
+
+keep = Teardown()
+atexit.register(lambda: open(os.path.join(HERE, f"atexit-{os.getpid()}"), "w").close())
+'''
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("pre, finished", [("exits:widen", True), ("exits:fails_at_rows_30", False)])
+def test_a_finished_run_leaves_without_the_interpreters_teardown(hooked, pre, finished):
+    """A run every rank ended alike exits past the interpreter's teardown (spmdinfer.exiting:
+    with MindSpore loaded it took seconds of an 8-rank job's exit), its atexit hooks run; a
+    failed run exits as Python does."""
+    folder, template, _, _ = hooked
+    (folder / "exits.py").write_text(EXIT_MARKS)
+    result = run_cli("run", hooked_job(folder, template, pre=pre), n=2)
+    assert (result.returncode == 0) == finished, result.stderr
+    marks = sorted(p.name.split("-")[0] for p in folder.iterdir()
+                   if p.name.split("-")[0] in ("atexit", "teardown"))
+    assert marks == (["atexit"] if finished else ["atexit", "teardown"]), (marks, result.stderr)
