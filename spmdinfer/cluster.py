@@ -267,7 +267,10 @@ def join_world(target: str = "cpu", comm=None) -> tuple[int, int]:
     started = comm.bcast(started if comm.rank == 0 else None)
     if isinstance(started, Exception):
         raise started
-    return _join_as_worker(started, comm.size, comm.rank, target, None)
+    joined = _join_as_worker(started, comm.size, comm.rank, target, None)
+    global _workers
+    _workers = comm  # `leave` waits for them all before the scheduler goes
+    return joined
 
 
 def group_ranks(world, group) -> list[int]:
