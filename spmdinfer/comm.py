@@ -164,6 +164,8 @@ class Channel:
         self.size = self.comm.size
         self._outbox: deque = deque()
         self._buffers: dict[int, np.ndarray] = {}
+        self._pads: dict[int, np.ndarray] = {}
+        self._turn = 0  # which of two sets of fixed-size buffers the next packet goes into
 
     @property
     def is_root(self) -> bool:
@@ -283,11 +285,19 @@ class Channel:
         return self.take_packet(self.post_packet(kind, start, rows, arrays))
 
     def post_packet(self, kind: int = GO, start: int = 0, rows: int = 0,
-                    arrays: Sequence[np.ndarray] = ()) -> PostedPacket:
+                    arrays: Sequence[np.ndarray] = (),
+                    fixed: Sequence[tuple[np.dtype, tuple]] | None = None) -> PostedPacket:
         """Start a packet's broadcast without waiting: the root posts the header and the
         arrays at once (collectives on one communicator match in order), the others post the
         header's receive (they learn the arrays' sizes from it). `take_packet` completes it;
-        the root's arrays must stay untouched until then."""
+        the root's arrays must stay untouched until then.
+
+        `fixed`: the (dtype, shape) of each array at its largest, the same for every packet
+        and known to every rank (a stage's input fields at full batch size). The others then
+        post the arrays' receives together with the header's, so a batch moves as soon as
+        both ends have posted it; the root pads a packet with fewer rows, or no arrays."""
+        if fixed is not None:
+            return self._post_fixed(kind, start, rows, arrays, fixed)
         if self.is_root:
             header = pack_header(kind, start, rows, arrays)
             requests = [self.comm.Ibcast(header, root=ROOT)]
@@ -296,19 +306,62 @@ class Channel:
         header = empty_header()
         return PostedPacket([self.comm.Ibcast(header, root=ROOT)], header)
 
+    def _post_fixed(self, kind: int, start: int, rows: int, arrays: Sequence[np.ndarray],
+                    fixed: Sequence[tuple[np.dtype, tuple]]) -> PostedPacket:
+        # The header needs room for the fixed arrays only: a small broadcast, sent eagerly.
+        if self.is_root:
+            if len(arrays) > len(fixed):
+                raise RuntimeError(f"{len(arrays)} arrays in a packet of {len(fixed)} fixed ones")
+            header = pack_header(kind, start, rows, arrays)[:header_size(len(fixed))]
+            sent = [self._padded(k, dtype, shape, arrays[k] if k < len(arrays) else None)
+                    for k, (dtype, shape) in enumerate(fixed)]
+            requests = [self.comm.Ibcast(header, root=ROOT)]
+            requests += [self.comm.Ibcast(_bytes(a), root=ROOT) for a in sent if a.nbytes]
+            return PostedPacket(requests, header, (kind, start, rows, list(arrays)))
+        # Two sets of buffers in turn: this packet's receive may be posted while the arrays of
+        # the one before are still in use.
+        self._turn = 1 - self._turn
+        buffers = [self._receive_buffer(2 * k + self._turn, dtype, shape)
+                   for k, (dtype, shape) in enumerate(fixed)]
+        header = empty_header(len(fixed))
+        requests = [self.comm.Ibcast(header, root=ROOT)]
+        requests += [self.comm.Ibcast(_bytes(b), root=ROOT) for b in buffers if b.nbytes]
+        return PostedPacket(requests, header, buffers=buffers)
+
+    def _padded(self, k: int, dtype: np.dtype, shape: tuple,
+                array: np.ndarray | None) -> np.ndarray:
+        """`array` as the root sends it as fixed array `k`: itself at full size, else copied
+        into a kept buffer of that size (the last, shorter batch; zeros for no array)."""
+        if array is not None and (array.dtype != dtype or array.shape[1:] != shape[1:]
+                                  or array.shape[0] > shape[0]):
+            raise RuntimeError(f"array {k} of a packet is {array.dtype} {array.shape}, beyond "
+                               f"the fixed {np.dtype(dtype)} {shape}")
+        if array is not None and array.shape == shape:
+            return array
+        pad = self._pads.get(k)
+        if pad is None or pad.dtype != dtype or pad.shape != shape:
+            pad = self._pads[k] = np.zeros(shape, dtype)
+        if array is not None:
+            pad[:array.shape[0]] = array
+        return pad
+
     def take_packet(self, posted: PostedPacket) -> tuple[int, int, int, list[np.ndarray]]:
         """Complete a posted broadcast; every rank returns (kind, start, rows, arrays)."""
         first, *rest = posted.requests
         try:
             self.wait(first)  # every rank is there once it completes: the rest moves busily
-            if self.is_root:
+            if self.is_root or posted.buffers is not None:
                 for request in rest:
                     self.wait(request, busy=True)
-                return posted.packet
+                if self.is_root:
+                    return posted.packet
         except BaseException:
             abandon(rest)  # a peer failed: the arrays' broadcasts keep their buffers
             raise
         kind, start, rows, layout = unpack_header(posted.header)
+        if posted.buffers is not None:
+            return kind, start, rows, [buffer[:shape[0]] for buffer, (_, shape)
+                                       in zip(posted.buffers, layout)]
         arrays = [self._receive_buffer(k, dtype, shape) for k, (dtype, shape) in enumerate(layout)]
         for array in arrays:
             if array.nbytes:
@@ -401,6 +454,7 @@ class PostedPacket(NamedTuple):
     requests: list
     header: np.ndarray
     packet: tuple | None = None  # the root's (kind, start, rows, arrays)
+    buffers: list | None = None  # the others' fixed-size arrays, under way (`fixed`)
 
 
 class PacketReceiver:
@@ -438,12 +492,13 @@ class PacketReceiver:
         abandon([self.request, *self._data_requests])
 
 
-def header_size() -> int:
-    return 4 + MAX_ARRAYS * (2 + MAX_NDIM)
+def header_size(arrays: int = MAX_ARRAYS) -> int:
+    """int64s in a header with room for `arrays` arrays."""
+    return 4 + arrays * (2 + MAX_NDIM)
 
 
-def empty_header() -> np.ndarray:
-    return np.zeros(header_size(), dtype=np.int64)
+def empty_header(arrays: int = MAX_ARRAYS) -> np.ndarray:
+    return np.zeros(header_size(arrays), dtype=np.int64)
 
 
 def pack_header(kind: int, start: int, rows: int, arrays: Sequence[np.ndarray]) -> np.ndarray:

@@ -139,12 +139,18 @@ class _ByMessage(Source):
     """The leader broadcasts each batch its feed gives, on a communicator kept for batches
     (the combine's collectives on the group's own do not have to match them in order). Once
     a rank has predicted a batch it posts the next one's broadcast (the leader, if its feed
-    has that batch at hand; the others, the receive of its header), so that batch b+1
-    travels while the group combines batch b and the others go straight on to predict it."""
+    has that batch at hand; the others, its receive), so that batch b+1 travels while the
+    group combines batch b and the others go straight on to predict it.
 
-    def __init__(self, group: Channel, feed):
+    `fixed`: stage 0's batches, whose arrays every rank knows ahead (the input fields at
+    full batch size): the others post the arrays' receives with the header's, so the arrays
+    move during the combine too, not only once the header has arrived."""
+
+    def __init__(self, group: Channel, feed,
+                 fixed: list[tuple[np.dtype, tuple]] | None = None):
         super().__init__(group, feed)
         self.batches = group.split(0)
+        self.fixed = fixed
         self._posted: tuple[PostedPacket, int] | None = None  # the next batch, and its slot
 
     def take(self) -> Batch:
@@ -159,7 +165,7 @@ class _ByMessage(Source):
 
     def _post(self) -> tuple[PostedPacket, int]:
         packet = NO_MORE if self.feed is None else self.feed.next()
-        return self.batches.post_packet(*packet[:4]), packet.slot
+        return self.batches.post_packet(*packet[:4], fixed=self.fixed), packet.slot
 
     def close(self, finished: bool) -> None:
         if self._posted is not None:  # a failure left a broadcast under way
@@ -370,7 +376,14 @@ def assemble(world: Channel, info: RankInfo, spec: JobSpec, program: Program,
     elif group.is_root:
         before = layout.stage - 1 if spec.model.handoff == "host" else 0
         feed = _FromStage(world, layout.leader(layout.replica, before))
-    source = _ByMessage(group, feed) if shared is None else _BySharedMemory(group, feed, shared)
+    if shared is not None:
+        source = _BySharedMemory(group, feed, shared)
+    elif layout.stage == 0 and group.size > 1:
+        capacity = max(1, min(spec.input.batch_size, rows))
+        source = _ByMessage(group, feed, [(np.dtype(f.dtype), (capacity, *f.row_shape))
+                                          for f in fields])
+    else:
+        source = _ByMessage(group, feed)
     if group.is_root and group.size > 1:
         log.info("replica %d stage %d: %d ranks, batches %s", layout.replica, layout.stage,
                  group.size, "by message" if shared is None else "in shared memory")

@@ -75,3 +75,63 @@ def test_ranks_waiting_for_a_late_peer_sleep():
         wall, cpu = report["times"][1 if name == "bcast_object" else 0][name]
         assert wall > LATE / 2, (name, report["times"])
         assert cpu < 0.25 * wall, f"{cpu / wall:.2f} cores used while waiting in {name}: {report}"
+
+
+FIXED_SCRIPT = r"""
+import json
+import numpy as np
+from mpi4py import MPI
+from spmdinfer.comm import DONE, GO, Channel, Peers
+
+comm = MPI.COMM_WORLD
+peers = Peers(comm)
+world = Channel(comm, peers)
+fixed = [(np.dtype(np.float32), (8, 3)), (np.dtype(np.int64), (8,))]
+
+def batch(k, rows):
+    rng = np.random.default_rng(k)
+    return [rng.standard_normal((rows, 3)).astype(np.float32), np.arange(rows) + 100 * k]
+
+sent = [(GO, 0, 8, batch(0, 8)), (GO, 8, 8, batch(1, 8)), (GO, 16, 5, batch(2, 5)),
+        (DONE, 0, 0, [])]
+got, intact, earlier = [], [], None
+posted = world.post_packet(*sent[0], fixed=fixed)
+for k in range(len(sent)):
+    kind, start, rows, arrays = world.take_packet(posted)
+    # The packet before was received into other buffers: its arrays are still as sent.
+    if earlier is not None:
+        intact.append(all(np.array_equal(a, b) for a, b in zip(earlier, sent[k - 1][3])))
+    if k + 1 < len(sent):
+        posted = world.post_packet(*sent[k + 1], fixed=fixed)
+    earlier = arrays
+    got.append([kind, start, rows, [(a.dtype.str, a.shape, a.tolist()) for a in arrays]])
+refused = None
+if world.is_root:
+    try:
+        world.post_packet(GO, 0, 9, batch(3, 9), fixed=fixed)
+    except RuntimeError as exc:
+        refused = str(exc)
+expected = [[kind, start, rows, [(a.dtype.str, a.shape, a.tolist()) for a in arrays]]
+            for kind, start, rows, arrays in sent]
+reports = comm.gather({"rank": world.rank, "refused": refused, "intact": intact,
+                       "same": json.loads(json.dumps(got)) == json.loads(json.dumps(expected))})
+if comm.rank == 0:
+    print(json.dumps(reports))
+world.close()
+peers.close()
+"""
+
+
+def test_fixed_size_packets_arrive_whole_ragged_and_last():
+    """Stage 0's batches by message (`post_packet(fixed=...)`): every rank posts a batch's
+    arrays at full size before its header arrives; a shorter batch and the end still arrive
+    as sent, and the arrays of one batch stay intact while the next is received."""
+    result = subprocess.run([*mpi_command(3), PYTHON, "-c", FIXED_SCRIPT],
+                            capture_output=True, text=True, timeout=MPI_TIMEOUT, env=mpi_env())
+    assert result.returncode == 0, result.stderr[-3000:]
+    reports = json.loads(result.stdout.strip().splitlines()[-1])
+    assert sorted(r["rank"] for r in reports) == [0, 1, 2]
+    assert all(r["intact"] == [True] * 3 for r in reports), reports
+    assert all(r["same"] for r in reports), reports
+    refused = next(r["refused"] for r in reports if r["rank"] == 0)
+    assert refused and "beyond the fixed float32 (8, 3)" in refused
