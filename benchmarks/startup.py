@@ -1,6 +1,7 @@
 """Where an 8-rank start goes, against the floor of loading the slices by hand.
 
     python benchmarks/startup.py [--repeats 5] [--quick] [--wait-idle SECONDS] [--ranks 8]
+                                 [--case independent|collective]
 
 Two cases, MindSpore's own runtime on MindIR slices, each run alternating (wall time of the
 whole `mpiexec`, from its start to its exit):
@@ -40,6 +41,7 @@ from common import (CpuWatch, RUN_TIMEOUT, add_run_options, alternate_samples, e
                     wait_for_idle, write_input, write_job)
 
 TARGET = 1.10
+CASES = {"independent slices": "independent", "a collective cluster": "collective"}
 FLOOR = r"""
 import os, sys
 import numpy as np
@@ -66,10 +68,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_run_options(parser, quick="one repeat")
     parser.add_argument("--ranks", type=int, default=8, help="ranks per job (default 8)")
+    parser.add_argument("--case", choices=list(CASES.values()), action="append",
+                        help="run this case only (repeatable; default: both)")
     args = parser.parse_args()
     began = time.monotonic()
     with scratch("startup") as folder:
-        report(folder, repeats_of(args), args.ranks, args.wait_idle, began)
+        report(folder, repeats_of(args), args.ranks, args.wait_idle, began,
+               args.case or list(CASES.values()))
 
 
 def build(folder: Path, ranks: int) -> dict:
@@ -159,13 +164,16 @@ def rank0_launch(metrics: dict) -> float:
     return metrics["ranks"][0]["startup_seconds"]["launch"]
 
 
-def report(folder: Path, repeats: int, ranks: int, idle: float, began: float) -> None:
+def report(folder: Path, repeats: int, ranks: int, idle: float, began: float,
+           chosen: list[str]) -> None:
     progress = progress_printer(began)
     watch = CpuWatch()
     progress(f"exporting {ranks} independent and {ranks} collective slices in {folder}")
     cases = build(folder, ranks)
     samples = {}
     for name, case in cases.items():
+        if CASES[name] not in chosen:
+            continue
         progress(f"{name}: {repeats} alternating runs of the floor and spmdinfer, {ranks} ranks")
         samples[name] = alternate_samples({
             "floor": lambda: floor_run(case, ranks, idle),
