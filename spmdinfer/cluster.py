@@ -439,11 +439,7 @@ def leave(code: int) -> NoReturn:
     worker is done (the scheduler is spmdinfer's child, and killed) and frees what the
     process's exit frees anyway. The rest is `exiting.leave`'s.
     """
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.flush()
-        except (OSError, ValueError):
-            pass
+    exiting.flush()
     from .backends.mindspore import exit_hooks
     from .runner import EXIT_STOPPED
 

@@ -300,11 +300,10 @@ class Channel:
             return self._post_fixed(kind, start, rows, arrays, fixed)
         if self.is_root:
             header = pack_header(kind, start, rows, arrays)
-            requests = [self.comm.Ibcast(header, root=ROOT)]
-            requests += [self.comm.Ibcast(_bytes(a), root=ROOT) for a in arrays if a.nbytes]
-            return PostedPacket(requests, header, (kind, start, rows, list(arrays)))
+            return PostedPacket(self._broadcasts(header, arrays), header,
+                                (kind, start, rows, list(arrays)))
         header = empty_header()
-        return PostedPacket([self.comm.Ibcast(header, root=ROOT)], header)
+        return PostedPacket(self._broadcasts(header), header)
 
     def _post_fixed(self, kind: int, start: int, rows: int, arrays: Sequence[np.ndarray],
                     fixed: Sequence[tuple[np.dtype, tuple]]) -> PostedPacket:
@@ -315,18 +314,21 @@ class Channel:
             header = pack_header(kind, start, rows, arrays)[:header_size(len(fixed))]
             sent = [self._padded(k, dtype, shape, arrays[k] if k < len(arrays) else None)
                     for k, (dtype, shape) in enumerate(fixed)]
-            requests = [self.comm.Ibcast(header, root=ROOT)]
-            requests += [self.comm.Ibcast(_bytes(a), root=ROOT) for a in sent if a.nbytes]
-            return PostedPacket(requests, header, (kind, start, rows, list(arrays)))
+            return PostedPacket(self._broadcasts(header, sent), header,
+                                (kind, start, rows, list(arrays)))
         # Two sets of buffers in turn: this packet's receive may be posted while the arrays of
         # the one before are still in use.
         self._turn = 1 - self._turn
         buffers = [self._receive_buffer(2 * k + self._turn, dtype, shape)
                    for k, (dtype, shape) in enumerate(fixed)]
         header = empty_header(len(fixed))
-        requests = [self.comm.Ibcast(header, root=ROOT)]
-        requests += [self.comm.Ibcast(_bytes(b), root=ROOT) for b in buffers if b.nbytes]
-        return PostedPacket(requests, header, buffers=buffers)
+        return PostedPacket(self._broadcasts(header, buffers), header, buffers=buffers)
+
+    def _broadcasts(self, header: np.ndarray, arrays: Sequence[np.ndarray] = ()) -> list:
+        """Post the header's broadcast, then each non-empty array's, in that order on every
+        rank (collectives on one communicator match in order)."""
+        return [self.comm.Ibcast(header, root=ROOT),
+                *(self.comm.Ibcast(_bytes(a), root=ROOT) for a in arrays if a.nbytes)]
 
     def _padded(self, k: int, dtype: np.dtype, shape: tuple,
                 array: np.ndarray | None) -> np.ndarray:

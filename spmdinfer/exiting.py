@@ -37,9 +37,9 @@ def leave(code: int) -> NoReturn:
     What the teardown would still have done is not done: a file a job's preprocess or
     postprocess module keeps open at module level is not closed by it (close it in the
     function, or with an atexit hook, which does run)."""
-    _flush()
+    flush()
     atexit._run_exitfuncs()  # logging's flush among them; comm's may finalize MPI itself
-    _flush()  # what the hooks printed
+    flush()  # what the hooks printed
     from mpi4py import MPI
 
     if MPI.Is_initialized():
@@ -49,7 +49,7 @@ def leave(code: int) -> NoReturn:
     os._exit(code)
 
 
-def _flush() -> None:
+def flush() -> None:
     """Python's streams, then C's stdio buffers (what native code printed)."""
     for stream in (sys.stdout, sys.stderr):
         try:

@@ -366,7 +366,8 @@ def assemble(world: Channel, info: RankInfo, spec: JobSpec, program: Program,
     stages' groups, and a stage-0 group on one node opens its shared memory)."""
     layout = info.layout
     group = world.split(layout.replica * layout.stages + layout.stage)
-    shared = _shared(group, layout, spec, fields, rows)
+    capacity = max(1, min(spec.input.batch_size, rows))  # a stage-0 batch's rows at most
+    shared = _shared(group, layout, spec, fields, capacity)
     feed = None
     if group.is_root and layout.stage == 0:
         prefetcher = Prefetcher(reader, fields, starts[layout.replica::layout.replicas],
@@ -379,7 +380,6 @@ def assemble(world: Channel, info: RankInfo, spec: JobSpec, program: Program,
     if shared is not None:
         source = _BySharedMemory(group, feed, shared)
     elif layout.stage == 0 and group.size > 1:
-        capacity = max(1, min(spec.input.batch_size, rows))
         source = _ByMessage(group, feed, [(np.dtype(f.dtype), (capacity, *f.row_shape))
                                           for f in fields])
     else:
@@ -392,11 +392,11 @@ def assemble(world: Channel, info: RankInfo, spec: JobSpec, program: Program,
 
 
 def _shared(group: Channel, layout: Layout, spec: JobSpec, fields: list[InputField],
-            rows: int) -> SharedBatches | None:
-    """Shared-memory slots for a stage-0 group whose ranks all share one node (collective)."""
+            capacity: int) -> SharedBatches | None:
+    """Shared-memory slots of `capacity` rows for a stage-0 group whose ranks all share one
+    node (collective)."""
     if layout.stage != 0 or group.size == 1 or not spec.run.shared_memory:
         return None
-    capacity = max(1, min(spec.input.batch_size, rows))
     if not usable(group, sum(f.row_bytes for f in fields) * capacity):
         return None
     return SharedBatches(group, fields, capacity)
