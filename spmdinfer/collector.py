@@ -36,9 +36,11 @@ class Collector:
 
     def __init__(self, world: Channel, journal: Journal, writer: OutputWriter, lock: OutputLock,
                  layout: Layout, progress: Progress, batch_size: int,
-                 datasets: Sequence[tuple[str, str]] = (), post: Hook | None = None):
+                 datasets: Sequence[tuple[str, str]] = (), post: Hook | None = None,
+                 cores: frozenset[int] = frozenset()):
         """`datasets`: [output.datasets], the model's outputs by name; `post` (the job's
-        postprocess) gets them so named, and what it returns is committed and written."""
+        postprocess) gets them so named, and what it returns is committed and written.
+        `cores`: where the commit thread runs (RankInfo.helper_cores)."""
         self.world = world
         self.journal = journal
         self.writer = writer
@@ -56,7 +58,7 @@ class Collector:
         self.post = post
         if post is not None and "written" in journal.manifest:  # a resumed run's datasets
             writer.paths = [path for _, path in journal.manifest["written"]]
-        self._committer = Committer(self._commit, first=self._rewrite)
+        self._committer = Committer(self._commit, first=self._rewrite, cores=cores)
 
     def _rewrite(self) -> None:
         """The batches earlier runs committed, into this run's output file (resume only)."""

@@ -17,6 +17,7 @@ import numpy as np
 from .input import InputField, InputReader
 from .errors import DataError, HookError
 from .hooks import Hook, preprocess_into
+from .topology import pin_thread
 
 PREFETCH_DEPTH = 2   # buffer sets: one being predicted, one being read
 COMMIT_DEPTH = 4     # finished batches that may wait for their commit
@@ -28,9 +29,11 @@ class Prefetcher:
 
     def __init__(self, reader: InputReader, fields: Sequence[InputField], starts: Sequence[int],
                  batch_size: int, rows: int, timed: Callable | None = None,
-                 buffer_sets: Sequence[list[np.ndarray]] | None = None, pre: Hook | None = None):
+                 buffer_sets: Sequence[list[np.ndarray]] | None = None, pre: Hook | None = None,
+                 cores: frozenset[int] = frozenset()):
         """`fields`: what the model gets. With `pre` (the job's preprocess) each batch is read
-        into buffers of the input's own fields first, and what `pre` returns fills the set."""
+        into buffers of the input's own fields first, and what `pre` returns fills the set.
+        `cores`: where the reading thread runs (RankInfo.helper_cores)."""
         self._reader = reader
         self._fields = list(fields)
         self._pre = pre
@@ -53,10 +56,12 @@ class Prefetcher:
             self._free.put((slot, buffers))
         self._sets = dict(enumerate(buffer_sets))
         self._closed = False
+        self._cores = cores
         self._thread = threading.Thread(target=self._run, name="spmdinfer-prefetch", daemon=True)
         self._thread.start()
 
     def _run(self) -> None:
+        pin_thread(self._cores)
         for start in self._starts:
             item = self._free.get()
             if item is None or self._closed:
@@ -115,8 +120,9 @@ class Committer:
     after `first()` if given."""
 
     def __init__(self, commit: Callable[[int, Sequence[np.ndarray]], None],
-                 first: Callable[[], None] | None = None):
+                 first: Callable[[], None] | None = None, cores: frozenset[int] = frozenset()):
         self._commit = commit
+        self._cores = cores
         self._first = first
         self._queue: queue.Queue = queue.Queue(COMMIT_DEPTH)
         self._error: BaseException | None = None
@@ -126,6 +132,7 @@ class Committer:
         self._thread.start()
 
     def _run(self) -> None:
+        pin_thread(self._cores)
         if self._first is not None:
             try:
                 self._first()

@@ -372,7 +372,8 @@ def assemble(world: Channel, info: RankInfo, spec: JobSpec, program: Program,
     if group.is_root and layout.stage == 0:
         prefetcher = Prefetcher(reader, fields, starts[layout.replica::layout.replicas],
                                 spec.input.batch_size, rows, lambda: world.recorder.span("read"),
-                                shared and [shared.slot_arrays(k) for k in range(SLOTS)], pre)
+                                shared and [shared.slot_arrays(k) for k in range(SLOTS)], pre,
+                                cores=info.helper_cores)
         feed = _FromFile(world, prefetcher)
     elif group.is_root:
         before = layout.stage - 1 if spec.model.handoff == "host" else 0

@@ -238,7 +238,7 @@ class Startup:
             self.collector = Collector(self.world, self.journal, writer, self.lock, self.layout,
                                        Progress(rows, self.show_progress),
                                        self.spec.input.batch_size, self.spec.output.datasets,
-                                       self.post)
+                                       self.post, cores=self.info.helper_cores)
             self.world.idle = self.collector.poll
 
     def _provenance(self, identities, rows: int, batches: int) -> dict:

@@ -3,6 +3,7 @@ this node gives it (memory, the ranks the launcher put beside it)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 from dataclasses import dataclass
@@ -91,6 +92,8 @@ class RankInfo:
     device_id: int | None
     threads: int
     cores: frozenset[int]   # the cores its kernels run on: `threads` of its CPU mask
+    # the cores of its prefetch and commit threads (helper_cores); empty: not pinned
+    helper_cores: frozenset[int] = frozenset()
 
     @property
     def rank(self) -> int:
@@ -106,7 +109,8 @@ class RankInfo:
         return (f"rank {layout.rank}/{layout.size} on {self.host} (local {self.local_rank}/"
                 f"{self.local_size}) replica={layout.replica} stage={layout.stage} "
                 f"model_rank={layout.model_rank}{device} threads={self.threads} "
-                f"cores={','.join(map(str, sorted(self.cores)))}")
+                f"cores={','.join(map(str, sorted(self.cores)))}"
+                f"{' helpers=' + ','.join(map(str, sorted(self.helper_cores))) if self.helper_cores else ''}")
 
 
 def launcher_rank() -> int:
@@ -131,7 +135,8 @@ def discover(comm, spec: JobSpec) -> RankInfo:
     threads = threads_for(spec.device, sharing(masks, node_rank))
     return RankInfo(layout=layout, local_rank=local_rank, local_size=local_size,
                     host=node_name(), device_id=device_for(spec.device, local_rank),
-                    threads=threads, cores=core_share(masks, node_rank, threads))
+                    threads=threads, cores=core_share(masks, node_rank, threads),
+                    helper_cores=helper_cores(masks, node_rank, spec.device))
 
 
 def node_name() -> str:
@@ -197,12 +202,12 @@ def physical_device(target: str, device_id: int | None) -> str | None:
     return visible[device_id] if visible is not None else str(device_id)
 
 
-def threads_for(device: DeviceSpec, sharing: int) -> int:
-    """CPU threads per rank: as set, or this rank's cores shared evenly by the `sharing`
-    ranks of the node that may run on them."""
+def threads_for(device: DeviceSpec, sharing: int, usable: int | None = None) -> int:
+    """CPU threads per rank: as set, or this rank's cores (`usable`, by default this
+    process's) shared evenly by the `sharing` ranks of the node that may run on them."""
     if device.threads:
         return device.threads
-    return max(1, usable_cores() // max(1, sharing))
+    return max(1, (usable or usable_cores()) // max(1, sharing))
 
 
 def sharing(masks: list[frozenset[int]], node_rank: int) -> int:
@@ -225,6 +230,28 @@ def core_share(masks: list[frozenset[int]], node_rank: int, threads: int) -> fro
     turn = sum(1 for mask in masks[:node_rank] if mask & mine)
     first = turn * threads % len(cores)
     return frozenset((cores + cores)[first:first + threads])
+
+
+def helper_cores(masks: list[frozenset[int]], node_rank: int, device: DeviceSpec) -> frozenset[int]:
+    """The cores for this rank's prefetch and commit threads: the cores of its mask that no
+    rank of the node runs its kernels on (each rank's core_share), so that where cores are
+    left over (fewer ranks than cores, or `threads` set low) they run there and never take a
+    predicting rank's core. Empty (the threads keep the rank's mask) where none is left:
+    a launcher that binds has put them on their rank's cores already, and unbound ranks'
+    helpers go where the scheduler finds room. Pinned to their own rank's core instead, they
+    cost the suite's I/O-bound case 13% on 2 cores (docs/performance.md), because the peer
+    that waits for its batch leaves its core idle."""
+    shares = [core_share(masks, rank, threads_for(device, sharing(masks, rank), len(mask)))
+              for rank, mask in enumerate(masks)]
+    return masks[node_rank] - frozenset().union(*shares)
+
+
+def pin_thread(cores: frozenset[int]) -> None:
+    """Run the calling thread (not the process) on `cores`; nothing when empty or where
+    the system has no such call."""
+    if cores:
+        with contextlib.suppress(AttributeError, OSError):
+            os.sched_setaffinity(0, cores)  # Linux: 0 is the calling thread
 
 
 def cpu_mask() -> frozenset[int]:

@@ -11,8 +11,8 @@ from spmdinfer.errors import BackendError, DataError, SpecError
 from spmdinfer.comm import pack_header, unpack_header
 from spmdinfer.program import bind_inputs
 from spmdinfer.combine import check_layout
-from spmdinfer.spec import Combine, load_spec, parse_spec
-from spmdinfer.topology import core_share, device_for, sharing, threads_for
+from spmdinfer.spec import Combine, DeviceSpec, load_spec, parse_spec
+from spmdinfer.topology import core_share, device_for, helper_cores, sharing, threads_for
 
 BASE = """
 [model]
@@ -208,6 +208,22 @@ def test_ranks_sharing_a_mask_take_its_cores_in_turn():
     assert [core_share(bound, r, 1) for r in range(4)] == bound
     sockets = [frozenset(range(4))] * 2 + [frozenset(range(4, 8))] * 2
     assert [sorted(core_share(sockets, r, 2)) for r in range(4)] == [[0, 1], [2, 3], [4, 5], [6, 7]]
+
+
+def test_prefetch_and_commit_threads_take_the_cores_left_over():
+    both, one = frozenset({0, 1}), DeviceSpec(threads=1)
+    # Cores left over go to the helpers, beside every rank's kernels.
+    assert helper_cores([both], 0, one) == {1}
+    quads = [frozenset(range(4))] * 2
+    assert [helper_cores(quads, r, one) for r in range(2)] == [{2, 3}] * 2
+    assert helper_cores([frozenset(range(4))] * 3, 2, one) == {3}
+    # None left over (a core per rank, unbound or bound; no threads set): not pinned.
+    assert [helper_cores([both] * 2, r, one) for r in range(2)] == [frozenset()] * 2
+    assert [helper_cores([both] * 2, r, DeviceSpec()) for r in range(2)] == [frozenset()] * 2
+    bound = [frozenset({c}) for c in range(4)]
+    assert [helper_cores(bound, r, DeviceSpec()) for r in range(4)] == [frozenset()] * 4
+    assert [helper_cores(quads, r, DeviceSpec()) for r in range(2)] == [frozenset()] * 2
+    assert helper_cores([both] * 8, 3, one) == frozenset()
 
 
 def fields(*specs):

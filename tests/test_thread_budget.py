@@ -18,7 +18,7 @@ import sys
 import numpy as np
 import pytest
 
-from .conftest import export_mindir
+from .conftest import export_mindir, matmul_job, run_cli, write_h5, write_job
 
 PROBE = r"""
 import json, os, resource, sys, threading, time
@@ -114,3 +114,49 @@ def test_one_thread_predicts_on_one_core_at_a_time(wide_mlp):
     # CPU seconds per wall second while predicting: a busy machine can only lower it.
     assert seen["used"] <= 1.2, seen
     assert np.isclose(seen["sum"], float(expected.sum()), rtol=1e-4)
+
+
+HELPER_HOOKS = '''
+import json, os, threading
+
+def _note(kind):
+    path = os.path.join(os.path.dirname(__file__), f"{kind}-{os.getpid()}.json")
+    with open(path, "w") as f:
+        json.dump({"rank": int(os.environ.get("PMI_RANK", "-1")),
+                   "thread": threading.current_thread().name,
+                   "mask": sorted(os.sched_getaffinity(0))}, f)
+
+def pre(batch):
+    _note("pre")
+    return batch
+
+def post(batch):
+    _note("post")
+    return batch
+'''
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("n", [1, 2])
+def test_prefetch_and_commit_threads_keep_off_the_predicting_cores(tmp_path, onnx_matmul_slices, n):
+    """`threads = 1` with MPICH's unbound ranks: the prefetch thread (which runs the
+    preprocess) and the commit thread (which runs the postprocess) of a replica's leader run
+    on the cores the node's ranks do not predict on (1 rank on 2 cores: the second core;
+    without the pinning they may take any core of the mask), and keep the rank's whole mask
+    where no core is left over (2 ranks on 2 cores; topology.helper_cores says why)."""
+    template, _ = onnx_matmul_slices
+    mask = sorted(os.sched_getaffinity(0))
+    assert len(mask) >= 2, f"this test needs 2 cores or more: {mask}"
+    (tmp_path / "where.py").write_text(HELPER_HOOKS)
+    write_h5(tmp_path / "in.h5", {"x": np.ones((40, 96), np.float32)})
+    doc = matmul_job(tmp_path, template, ranks=1, batch_size=10, device={"threads": 1})
+    doc["input"]["preprocess"] = "where:pre"
+    doc["output"]["postprocess"] = "where:post"
+    result = run_cli("run", write_job(tmp_path, doc), "--no-progress", n=n)
+    assert result.returncode == 0, result.stderr
+    seen = [json.loads(p.read_text()) for p in sorted(tmp_path.glob("*-*.json"))]
+    spare = mask[n:]                                  # the ranks predict on mask[:n]
+    for note in seen:
+        assert note["mask"] == (spare or mask), (note, mask)
+    assert {(n["rank"], n["thread"]) for n in seen} == \
+        {(r, "spmdinfer-prefetch") for r in range(n)} | {(0, "spmdinfer-commit")}, seen
