@@ -19,7 +19,11 @@ from .errors import DataError, HookError
 from .hooks import Hook, preprocess_into
 from .topology import pin_thread
 
-PREFETCH_DEPTH = 2   # buffer sets: one being predicted, one being read
+# Buffer sets of a root that sends its batches by message: one being predicted (and sent),
+# one being sent ahead, one being read; as many as a shared-memory group has slots. With two,
+# the read of batch b+1 often had not finished when the root had predicted b (both cores busy
+# predicting on emulated hosts), and b+1 then travelled while both ranks waited.
+PREFETCH_DEPTH = 3
 COMMIT_DEPTH = 4     # finished batches that may wait for their commit
 
 
