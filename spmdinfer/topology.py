@@ -234,16 +234,18 @@ def core_share(masks: list[frozenset[int]], node_rank: int, threads: int) -> fro
 
 def helper_cores(masks: list[frozenset[int]], node_rank: int, device: DeviceSpec) -> frozenset[int]:
     """The cores for this rank's prefetch and commit threads: the cores of its mask that no
-    rank of the node runs its kernels on (each rank's core_share), so that where cores are
-    left over (fewer ranks than cores, or `threads` set low) they run there and never take a
-    predicting rank's core. Empty (the threads keep the rank's mask) where none is left:
-    a launcher that binds has put them on their rank's cores already, and unbound ranks'
-    helpers go where the scheduler finds room. Pinned to their own rank's core instead, they
-    cost the suite's I/O-bound case 13% on 2 cores (docs/performance.md), because the peer
-    that waits for its batch leaves its core idle."""
+    rank of the node runs its kernels on (each rank's core_share), where there is at least one
+    for each rank that shares the mask (`threads` set low, or whole cores left over), so they
+    never take a predicting rank's core. Otherwise empty: the threads keep the rank's mask. A
+    launcher that binds has put them on their rank's cores already, and unbound ranks'
+    helpers go where the scheduler finds room; squeezed onto a remainder core (3 ranks on 4
+    cores) they would queue behind each other, and pinned to their own rank's core they cost
+    the suite's I/O-bound case 13% on 2 cores (docs/performance.md), because a peer that
+    waits for its batch leaves its core idle."""
     shares = [core_share(masks, rank, threads_for(device, sharing(masks, rank), len(mask)))
               for rank, mask in enumerate(masks)]
-    return masks[node_rank] - frozenset().union(*shares)
+    spare = masks[node_rank] - frozenset().union(*shares)
+    return spare if len(spare) >= sharing(masks, node_rank) else frozenset()
 
 
 def pin_thread(cores: frozenset[int]) -> None:

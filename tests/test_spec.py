@@ -216,7 +216,11 @@ def test_prefetch_and_commit_threads_take_the_cores_left_over():
     assert helper_cores([both], 0, one) == {1}
     quads = [frozenset(range(4))] * 2
     assert [helper_cores(quads, r, one) for r in range(2)] == [{2, 3}] * 2
-    assert helper_cores([frozenset(range(4))] * 3, 2, one) == {3}
+    assert helper_cores([frozenset(range(5))] * 2, 1, one) == {2, 3, 4}
+    # Fewer left over than ranks that share them (a remainder, 3 ranks on 4 cores): not pinned.
+    assert [helper_cores([frozenset(range(4))] * 3, r, DeviceSpec()) for r in range(3)] == \
+        [frozenset()] * 3
+    assert helper_cores([frozenset(range(16))] * 15, 0, DeviceSpec()) == frozenset()
     # None left over (a core per rank, unbound or bound; no threads set): not pinned.
     assert [helper_cores([both] * 2, r, one) for r in range(2)] == [frozenset()] * 2
     assert [helper_cores([both] * 2, r, DeviceSpec()) for r in range(2)] == [frozenset()] * 2

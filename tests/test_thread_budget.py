@@ -118,11 +118,12 @@ def test_one_thread_predicts_on_one_core_at_a_time(wide_mlp):
 
 HELPER_HOOKS = '''
 import json, os, threading
+from spmdinfer.topology import launcher_rank
 
 def _note(kind):
     path = os.path.join(os.path.dirname(__file__), f"{kind}-{os.getpid()}.json")
     with open(path, "w") as f:
-        json.dump({"rank": int(os.environ.get("PMI_RANK", "-1")),
+        json.dump({"rank": launcher_rank(),
                    "thread": threading.current_thread().name,
                    "mask": sorted(os.sched_getaffinity(0))}, f)
 

@@ -98,7 +98,8 @@ class _Graph:
     itself. The graph it settles on for a signature never changes, so it is remembered here
     and run with MindSpore's graph executor, which is what the cell calls in the end.
     `compiled` is None where that executor cannot be reached (another MindSpore version, or
-    `[backend.mindspore] direct_run = false`): every run then goes through the cell.
+    `[backend.mindspore] direct_run = false`): every run then goes through the cell. Like the
+    cell, not for use from two threads at once (the phase is read back from the cell).
     """
 
     def __init__(self, cell, compiled):
@@ -109,7 +110,8 @@ class _Graph:
     def __call__(self, tensors: tuple, signature: tuple):
         phase = self._phases.get(signature)
         if phase is not None:
-            executor, convert = self._compiled
+            executor, convert, jit_config = self._compiled
+            executor.set_jit_config(getattr(self._cell, "jit_config_dict", None) or jit_config)
             return convert(executor(tensors, phase))
         result = self._cell(*tensors)
         if self._compiled is not None and len(self._phases) < MAX_SIGNATURES:
@@ -120,17 +122,20 @@ class _Graph:
 
 
 def _compiled_graphs():
-    """MindSpore's graph executor and the conversion of its results (private to MindSpore:
+    """MindSpore's graph executor, the conversion of its results and the default JIT settings
+    (private to MindSpore:
     `mindspore.graph.api` in 2.10, `mindspore.common.api` in older releases), or None."""
     for module in ("mindspore.graph.api", "mindspore.common.api"):
         try:
             api = __import__(module, fromlist=["_cell_graph_executor"])
             executor = api._cell_graph_executor._graph_executor
             convert = api._convert_python_data
+            jit_config = api._DEFAULT_JIT_CONFIG  # what the cell sets before each run
         except (ImportError, AttributeError):
             continue
-        if callable(executor) and hasattr(executor, "has_compiled") and callable(convert):
-            return executor, convert
+        if callable(executor) and hasattr(executor, "has_compiled") and \
+                hasattr(executor, "set_jit_config") and callable(convert):
+            return executor, convert, jit_config
     return None
 
 
