@@ -104,27 +104,29 @@ class _Graph:
 
     def __init__(self, cell, compiled):
         self._cell = cell
-        self._compiled = compiled      # (the executor, MindSpore's conversion of its results)
         self._phases: dict[tuple, str] = {}   # signature -> the compiled graph's phase
+        self._direct = compiled is not None
+        if self._direct:
+            self._executor, self._convert, default = compiled
+            self._jit_config = getattr(cell, "jit_config_dict", None) or default  # as the cell sets it
 
     def __call__(self, tensors: tuple, signature: tuple):
         phase = self._phases.get(signature)
         if phase is not None:
-            executor, convert, jit_config = self._compiled
-            executor.set_jit_config(getattr(self._cell, "jit_config_dict", None) or jit_config)
-            return convert(executor(tensors, phase))
+            self._executor.set_jit_config(self._jit_config)
+            return self._convert(self._executor(tensors, phase))
         result = self._cell(*tensors)
-        if self._compiled is not None and len(self._phases) < MAX_SIGNATURES:
+        if self._direct and len(self._phases) < MAX_SIGNATURES:
             phase = getattr(self._cell, "compile_phase", None)
-            if isinstance(phase, str) and self._compiled[0].has_compiled(phase):
+            if isinstance(phase, str) and self._executor.has_compiled(phase):
                 self._phases[signature] = phase
         return result
 
 
 def _compiled_graphs():
     """MindSpore's graph executor, the conversion of its results and the default JIT settings
-    (private to MindSpore:
-    `mindspore.graph.api` in 2.10, `mindspore.common.api` in older releases), or None."""
+    (private to MindSpore: `mindspore.graph.api` in 2.10, `mindspore.common.api` in older
+    releases), or None."""
     for module in ("mindspore.graph.api", "mindspore.common.api"):
         try:
             api = __import__(module, fromlist=["_cell_graph_executor"])
