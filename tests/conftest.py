@@ -66,9 +66,12 @@ def mpi_env(**variables) -> dict:
     return {**os.environ, "GLOG_v": "3", **LOOPBACK_ENV, **LAUNCH_ENV, **variables}
 
 
-# Open MPI 5's mpirun now and then fails to start at all, before any rank runs (seen once in
-# about 300 launches here; others see it too, e.g. lfortran/lfortran#8610): such a launch is
-# tried again, up to twice. Nothing of spmdinfer has run when this message is printed.
+# Open MPI 5's mpirun now and then fails to start at all, before any rank runs (seen twice in
+# about 600 launches here; others see it too, e.g. lfortran/lfortran#8610): run_cli tries such a
+# launch again, up to twice. Nothing of spmdinfer has run when this message is printed. A test
+# that starts its own mpirun (subprocess.Popen) and finds it ended with this message fails with
+# the message in its text, and .ci/test runs that test again (pytest-rerunfailures'
+# --only-rerun); what any other failure says does not match it.
 OPENMPI_START_FAILURE = "The PMIx server's listener thread failed to start"
 
 
