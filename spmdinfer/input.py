@@ -301,10 +301,13 @@ def check_batch_memory(fields: Sequence[InputField], rows: int, batch_size: int,
                        ranks_on_node: int, available: int | None = None) -> None:
     """Refuse a batch whose buffers would not fit in memory, before any is allocated.
 
-    Every rank holds one batch buffer per input dataset, of min(batch_size, rows) rows
-    (at least 1), and every rank on the node does so; together they may use at most
-    half of the memory available (`available_memory`), leaving the rest for the model,
-    its outputs and the combine. Skipped when the available memory cannot be read.
+    Counted: one batch (one buffer per input dataset, of min(batch_size, rows) rows, at
+    least 1) for every rank on the node; together at most half of the memory available
+    (`available_memory`). A rule of thumb, not an exact count: the ranks that read keep up
+    to three batches (overlap.PREFETCH_DEPTH), a shared-memory group shares three slots
+    (spmdinfer.shared), a rank receiving by message keeps two; so a node holds between
+    about a third and three times the count, and the other half of the memory is for that,
+    the model, its outputs and the combine. Skipped when the available memory cannot be read.
     """
     available = available_memory() if available is None else available
     if available is None:
