@@ -183,6 +183,15 @@ class _CPU(_Target):
             raise ValueError("cpu_thread_num must be a non-negative int.")
         self._set("thread_num", cpu_thread_num)
 
+    @property
+    def thread_affinity_core_list(self):
+        return self._values.get("thread_affinity_core_list", [])
+
+    @thread_affinity_core_list.setter
+    def thread_affinity_core_list(self, cpu_thread_affinity_core_list):
+        check_list_of_element("cpu_thread_affinity_core_list", cpu_thread_affinity_core_list, int)
+        self._set("thread_affinity_core_list", cpu_thread_affinity_core_list)
+
 
 class _GPU(_Target):
     __slots__ = ()

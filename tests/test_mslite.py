@@ -3,6 +3,7 @@ package that cannot be installed here: the Context it builds per rank, resize an
 and one real in-process run; plus the MPI-library check on fabricated ELF files."""
 
 import importlib
+import os
 import struct
 import subprocess
 import sys
@@ -44,9 +45,10 @@ def model_file(lite, folder: Path, name="slice.mindir", inputs=(("x", [-1, 3], n
     return path
 
 
-def place(target="cpu", device_id=None, rank_id=0, threads=2, provider="", config_file=None):
+def place(target="cpu", device_id=None, rank_id=0, threads=2, provider="", config_file=None,
+          cores=None):
     return Placement(target=target, device_id=device_id, rank_id=rank_id, threads=threads,
-                     provider=provider, config_file=config_file)
+                     provider=provider, config_file=config_file, cores=cores)
 
 
 def ascend_spec(folder: Path, files: str, ranks: int):
@@ -74,6 +76,19 @@ def test_cpu_context_sets_thread_count(lite, tmp_path):
     assert context.target == ["cpu"] and context.cpu.thread_num == 3
     assert [c for c, _ in lite.CALLS if "." in c] == ["context.target", "cpu.thread_num"]
     assert session.version == "2.0.0"
+
+
+@pytest.mark.parametrize("target", ["cpu", "gpu"])
+def test_cpu_threads_are_bound_to_the_ranks_cores_when_fewer_than_its_mask(lite, tmp_path, target,
+                                                                          monkeypatch):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
+    path = model_file(lite, tmp_path)
+    mslite_backend.open_session(path, place(target, threads=2, cores=frozenset({3, 1})), {})
+    mslite_backend.open_session(path, place(target, threads=4, cores=frozenset({0, 1, 2, 3})), {})
+    [(_, _, part, _), (_, _, whole, _)] = built(lite)
+    assert part.cpu.thread_affinity_core_list == [1, 3] and part.cpu.thread_num == 2
+    assert whole.cpu.thread_affinity_core_list == []  # the whole mask: not bound, Lite's default
+    assert calls(lite, "cpu.thread_affinity_core_list") == [[1, 3]]
 
 
 def test_gpu_tensorrt_context_takes_the_placement_device(lite, tmp_path, monkeypatch):

@@ -7,6 +7,7 @@ where the installed Lite has them.
 
 from __future__ import annotations
 
+import os
 import re
 import struct
 from pathlib import Path
@@ -116,6 +117,9 @@ def build_context(mslite, placement: Placement):
     context.target = [target]
     # Lite keeps the CPU as the fallback of gpu and ascend too: the node's ranks share its cores.
     context.cpu.thread_num = placement.threads
+    cores = _bound_cores(placement)
+    if cores:
+        context.cpu.thread_affinity_core_list = cores
     device = getattr(context, target) if target != "cpu" else None
     if device is not None and placement.device_id is not None:
         device.device_id = placement.device_id
@@ -129,6 +133,20 @@ def build_context(mslite, placement: Placement):
         if placement.provider:
             _set_if_settable(mslite, device, "provider", placement.provider, needed=True)
     return context
+
+
+def _bound_cores(placement: Placement) -> list[int] | None:
+    """The cores Lite's CPU threads are bound to: the rank's share of its node's cores
+    (`Placement.cores`), where that is fewer than this process may use; else None (no
+    binding, Lite's default), as the MindSpore backend keeps its pool."""
+    if not placement.cores:
+        return None
+    try:
+        mask = os.sched_getaffinity(0)
+    except (AttributeError, OSError):
+        return None
+    cores = placement.cores & mask
+    return sorted(cores) if cores and cores != mask else None
 
 
 def _set_if_settable(mslite, device, name: str, value, needed: bool) -> None:
