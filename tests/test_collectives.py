@@ -247,7 +247,7 @@ def test_kill_9_mid_collective_then_resume_is_identical(tmp_path, collective_sli
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=mpi_env(**tagged(tmp_path)))
     deadline = time.monotonic() + 240
     while committed_batches(tmp_path / "out" / "result.h5") < 5:
-        assert process.poll() is None, process.communicate()
+        assert process.poll() is None, process.communicate()[1][-3000:]
         assert time.monotonic() < deadline
         time.sleep(0.01)
     pids = rank_pids(path)
@@ -275,12 +275,15 @@ def test_kill_9_mid_collective_then_resume_is_identical(tmp_path, collective_sli
 @pytest.mark.launcher
 def test_the_scheduler_dies_with_its_rank_and_frees_its_port(tmp_path, collective_slices):
     path, _ = job(tmp_path, collective_slices(2), "allgather", ranks=2, rows=3000, batch=10)
-    process = subprocess.Popen(
-        [*mpi_command(2), PYTHON, "-m", "spmdinfer", "run", str(path)], cwd=REPO,
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=mpi_env(**tagged(tmp_path)))
+    log = tmp_path / "launcher.log"
+    with open(log, "w") as sink:
+        process = subprocess.Popen(
+            [*mpi_command(2), PYTHON, "-m", "spmdinfer", "run", str(path)], cwd=REPO,
+            stdout=subprocess.DEVNULL, stderr=sink, env=mpi_env(**tagged(tmp_path)))
     deadline = time.monotonic() + 240
     while committed_batches(tmp_path / "out" / "result.h5") < 2:
-        assert process.poll() is None and time.monotonic() < deadline
+        assert process.poll() is None, log.read_text()[-3000:]
+        assert time.monotonic() < deadline
         time.sleep(0.01)
     [scheduler] = schedulers(tmp_path)
     port = int(dict(item.split("=", 1) for item in Path(f"/proc/{scheduler}/environ")
