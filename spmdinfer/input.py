@@ -305,9 +305,9 @@ def check_batch_memory(fields: Sequence[InputField], rows: int, batch_size: int,
     least 1) for every rank on the node; together at most half of the memory available
     (`available_memory`). A rule of thumb, not an exact count: the ranks that read keep up
     to three batches (overlap.PREFETCH_DEPTH), a shared-memory group shares three slots
-    (spmdinfer.shared), a rank receiving by message keeps two; so a node holds between
-    about a third and three times the count, and the other half of the memory is for that,
-    the model, its outputs and the combine. Skipped when the available memory cannot be read.
+    (spmdinfer.shared), a rank receiving by message keeps two; so a node holds from 3/N of
+    the count (one shared-memory group of N ranks) to three times it, and the other half of
+    the memory is for that, the model, its outputs and the combine. Skipped when the available memory cannot be read.
     """
     available = available_memory() if available is None else available
     if available is None:

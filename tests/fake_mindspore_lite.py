@@ -161,7 +161,7 @@ class _Target:
 
     def __init__(self):
         self._values = {"device_id": 0, "rank_id": 0, "group_size": 1, "provider": "",
-                        "thread_num": 0}
+                        "thread_num": 0, "thread_affinity_core_list": []}
 
     def _set(self, name: str, value) -> None:
         _record(f"{self.KIND}.{name}", value)
@@ -185,7 +185,7 @@ class _CPU(_Target):
 
     @property
     def thread_affinity_core_list(self):
-        return self._values.get("thread_affinity_core_list", [])
+        return self._values["thread_affinity_core_list"]
 
     @thread_affinity_core_list.setter
     def thread_affinity_core_list(self, cpu_thread_affinity_core_list):

@@ -136,9 +136,9 @@ def build_context(mslite, placement: Placement):
 
 
 def _bound_cores(placement: Placement) -> list[int] | None:
-    """The cores Lite's CPU threads are bound to: the rank's share of its node's cores
-    (`Placement.cores`), where that is fewer than this process may use; else None (no
-    binding, Lite's default), as the MindSpore backend keeps its pool."""
+    """The cores Lite's CPU threads are bound to, on every target: the rank's share of its
+    node's cores (`Placement.cores`), where that is fewer than this process may use; else
+    None (no binding, Lite's default)."""
     if not placement.cores:
         return None
     try:
