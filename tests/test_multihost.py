@@ -260,6 +260,7 @@ def test_a_rank_frozen_in_the_exit_on_a_third_host_is_ended(tmp_path):
     # test_reliability's case over three hosts, the frozen rank on n3: the ranks on n1 and n2
     # die of the alarm, and hydra ends n3's rank (failure.bound_exit).
     gone, output = run_frozen_at_exit(2, 3, hosts_command(1, 1, 1))
+    assert output.count("at the exit") == 3, output  # the job started, and every rank got there
     assert gone is not None, output
     print(f"\na rank frozen in the exit on n3, bound 2 s: every process gone in {gone:.2f} s")
 

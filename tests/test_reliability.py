@@ -343,6 +343,7 @@ from spmdinfer.failure import bound_exit
 
 comm = MPI.COMM_WORLD
 comm.Barrier()
+print("at the exit", flush=True)
 bound_exit(float(sys.argv[1]))
 if comm.rank == comm.size - 1:
     os.kill(os.getpid(), signal.SIGSTOP)
@@ -375,6 +376,7 @@ def test_a_rank_frozen_in_the_exit_ends_the_job_past_the_bound(seconds):
     # failure.bound_exit's alarm ends the waiting ranks with SIGALRM, and the launcher the
     # frozen one. Unbounded (batch_timeout = 0), the job stays: what the bound prevents.
     gone, output = run_frozen_at_exit(seconds, 3, mpi_command(3))
+    assert output.count("at the exit") == 3, output  # the job started, and every rank got there
     if seconds:
         assert gone is not None, output
         print(f"\na rank frozen in the exit, bound 2 s: every process gone in {gone:.2f} s")
