@@ -307,7 +307,8 @@ def check_batch_memory(fields: Sequence[InputField], rows: int, batch_size: int,
     to three batches (overlap.PREFETCH_DEPTH), a shared-memory group shares three slots
     (spmdinfer.shared), a rank receiving by message keeps two; so a node holds from 3/N of
     the count (one shared-memory group of N ranks) to three times it, and the other half of
-    the memory is for that, the model, its outputs and the combine. Skipped when the available memory cannot be read.
+    the memory is for that, the model, its outputs and the combine. Skipped when the
+    available memory cannot be read.
     """
     available = available_memory() if available is None else available
     if available is None:
