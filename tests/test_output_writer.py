@@ -1,6 +1,10 @@
 """OutputWriter: batches written at their rows, in any order, by os.pwritev into early-allocated
 chunks (uncompressed) or through h5py in slabs (compressed); compared with numpy here."""
 
+import json
+import subprocess
+import sys
+
 import h5py
 import numpy as np
 import pytest
@@ -37,6 +41,25 @@ def test_batches_land_at_their_rows(tmp_path, compression, order):
         assert f["deep/y"].chunks == (64, 3, 5) and f["k"].dtype == np.int16
         assert f.attrs["complete"] and f.attrs["job_text"] == "x"
     assert not (tmp_path / "out.h5.partial").exists()
+
+
+def test_provenance_is_in_the_file_before_the_first_batch(tmp_path):
+    # Written when the file is created (rank 0's start-up), not by the writer's thread at the
+    # first batch, where h5py held the GIL, and so every rank's loop, for as long.
+    writer = OutputWriter(spec(tmp_path), 10, 5, {"job_text": "x", "rows": 10})
+    writer._file.flush()
+    read = subprocess.run([sys.executable, "-c", READ_ATTRS, str(writer.temp_path)],
+                          capture_output=True, text=True, timeout=60)
+    assert read.returncode == 0, read.stderr
+    assert json.loads(read.stdout) == {"job_text": "x", "rows": 10}
+    writer.discard()
+
+
+READ_ATTRS = """
+import json, sys, h5py
+with h5py.File(sys.argv[1], "r", locking=False) as f:
+    print(json.dumps({k: v.item() if hasattr(v, "item") else v for k, v in f.attrs.items()}))
+"""
 
 
 def test_a_batch_bigger_than_a_chunk_spans_several(tmp_path):
