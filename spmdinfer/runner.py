@@ -181,6 +181,7 @@ class _Run:
             startup.start_collector(rows, identities, len(starts))
             self.watchdog = Watchdog(self.spec.run.batch_timeout, lambda: abort(self.world.comm, 1))
             self._loop(program, fields, pending, rows)
+            self.world.finishing()
             if startup.collector is not None:
                 startup.collector.drain()
             self.world.flush()
