@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Protocol, Sequence
@@ -51,6 +52,18 @@ class Placement:
     provider: str = ""
     config_file: Path | None = None
     cores: frozenset[int] | None = None   # where CPU kernels run; None: `threads` of the mask
+
+
+def share_of_mask(cores: frozenset[int] | None, threads: int = 0) -> frozenset[int] | None:
+    """The cores a backend keeps this rank's CPU kernels to: `cores` (`Placement.cores`; else
+    the first `threads` of the mask) within this process's CPU mask, where that is fewer
+    than the mask; None where it is the whole mask or nothing, or where there are no masks."""
+    try:
+        mask = frozenset(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return None
+    share = (cores or frozenset(sorted(mask)[:threads])) & mask
+    return share if share and share != mask else None
 
 
 class Session(Protocol):

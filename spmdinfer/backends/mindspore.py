@@ -13,7 +13,7 @@ import numpy as np
 
 from ..errors import BackendError
 from ..mindir import read_signature
-from . import Placement, TensorInfo, predict_in_fixed_batches
+from . import Placement, TensorInfo, predict_in_fixed_batches, share_of_mask
 
 _TARGETS = {"cpu": "CPU", "gpu": "GPU", "ascend": "Ascend"}
 MAX_SIGNATURES = 64   # input signatures whose compiled graph a session runs directly
@@ -150,12 +150,7 @@ def _budget_cores(placement: Placement) -> frozenset[int] | None:
     `runtime.dispatch_threads_num` do not bound it (docs/performance.md has the figures).
     And the thread that calls a graph works on its kernels beside the pool's threads.
     """
-    try:
-        mask = frozenset(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        return None  # no CPU masks here: MindSpore takes what it takes
-    cores = (placement.cores or frozenset(sorted(mask)[:placement.threads])) & mask
-    return cores if cores and cores != mask else None
+    return share_of_mask(placement.cores, placement.threads)
 
 
 @contextlib.contextmanager

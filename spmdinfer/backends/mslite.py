@@ -7,7 +7,6 @@ where the installed Lite has them.
 
 from __future__ import annotations
 
-import os
 import re
 import struct
 from pathlib import Path
@@ -17,7 +16,7 @@ import numpy as np
 
 from ..errors import BackendError
 from ..log import log
-from . import Placement, TensorInfo, predict_in_fixed_batches
+from . import Placement, TensorInfo, predict_in_fixed_batches, share_of_mask
 
 # Lite's DataType names -> numpy; UNKNOWN, INVALID (and BFLOAT16 in later releases) have none.
 _DTYPES = {"BOOL": np.bool_, "INT8": np.int8, "INT16": np.int16, "INT32": np.int32,
@@ -117,9 +116,11 @@ def build_context(mslite, placement: Placement):
     context.target = [target]
     # Lite keeps the CPU as the fallback of gpu and ascend too: the node's ranks share its cores.
     context.cpu.thread_num = placement.threads
-    cores = _bound_cores(placement)
+    # Lite's CPU threads keep to the rank's share of its node's cores, on every target, where
+    # that is fewer than this process may use; else Lite's default (no binding).
+    cores = share_of_mask(placement.cores)
     if cores:
-        context.cpu.thread_affinity_core_list = cores
+        context.cpu.thread_affinity_core_list = sorted(cores)
     device = getattr(context, target) if target != "cpu" else None
     if device is not None and placement.device_id is not None:
         device.device_id = placement.device_id
@@ -133,20 +134,6 @@ def build_context(mslite, placement: Placement):
         if placement.provider:
             _set_if_settable(mslite, device, "provider", placement.provider, needed=True)
     return context
-
-
-def _bound_cores(placement: Placement) -> list[int] | None:
-    """The cores Lite's CPU threads are bound to, on every target: the rank's share of its
-    node's cores (`Placement.cores`), where that is fewer than this process may use; else
-    None (no binding, Lite's default)."""
-    if not placement.cores:
-        return None
-    try:
-        mask = os.sched_getaffinity(0)
-    except (AttributeError, OSError):
-        return None
-    cores = placement.cores & mask
-    return sorted(cores) if cores and cores != mask else None
 
 
 def _set_if_settable(mslite, device, name: str, value, needed: bool) -> None:
