@@ -80,8 +80,17 @@ def settle(request) -> None:
     """Complete `request` as `Channel.wait` does, before there is a Channel: test, sleep.
     (`settle(comm.Ibarrier())` before a job's first blocking call: ranks that arrive first
     sleep while the last ones still import, instead of spinning in MPI on their cores.)"""
+    sleep_until(request.Test)
+
+
+def sleep_until(ready: Callable[[], bool], seconds: float | None = None) -> None:
+    """Test `ready()` until it holds, sleeping between tests (MIN_DELAY, doubling up to
+    MAX_DELAY); give up after `seconds` if given."""
+    deadline = None if seconds is None else time.monotonic() + seconds
     delay = MIN_DELAY
-    while not request.Test():
+    while not ready():
+        if deadline is not None and time.monotonic() >= deadline:
+            return
         time.sleep(delay)
         delay = min(delay * 2, MAX_DELAY)
 
@@ -127,10 +136,8 @@ class Peers:
         payload[:len(data)] = data
         self._sent += [(self.comm.Isend(payload, dest=rank, tag=NOTICE_TAG), payload)
                        for rank in range(self.comm.size) if rank != self.comm.rank]
-        deadline = time.monotonic() + 5.0
-        while wait and time.monotonic() < deadline and \
-                not self._mpi.Request.Testall([r for r, _ in self._sent]):
-            time.sleep(MIN_DELAY)
+        if wait:
+            sleep_until(lambda: self._mpi.Request.Testall([r for r, _ in self._sent]), 5.0)
 
     def close(self) -> None:
         if self._request:  # still pending: nobody failed
@@ -410,10 +417,9 @@ class Channel:
     def abandon(self, seconds: float = 2.0) -> None:
         """On failure: give packets in flight a moment to leave, so that no peer reads a
         buffer this process no longer holds; then drop them."""
-        deadline = time.monotonic() + seconds
         requests = [r for entry in self._outbox for r in entry[0]]
-        while requests and not self._mpi.Request.Testall(requests) and time.monotonic() < deadline:
-            time.sleep(MIN_DELAY)
+        if requests:
+            sleep_until(lambda: self._mpi.Request.Testall(requests), seconds)
         abandon(requests)
         self._outbox.clear()
 
