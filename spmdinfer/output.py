@@ -62,7 +62,7 @@ class OutputWriter:
     def __init__(self, spec: OutputSpec, rows: int, batch_size: int, attrs: dict | None = None):
         """`spec.compression`: "" (none), "lzf", "gzip" or "gzip:LEVEL". `attrs`: the file's
         attributes known from the start, written now: h5py holds the GIL while it writes
-        them (about 0.2 ms each), which in the writer's thread, at the first batch, held up
+        them (about 0.25 ms each), which in the writer's thread, at the first batch, held up
         every rank's loop for as long."""
         import h5py
 
@@ -73,13 +73,17 @@ class OutputWriter:
         self._rows = rows
         self._batch_size = batch_size
         self._file = h5py.File(self.temp_path, "w")  # the runner made the folder with the lock
-        self._file.attrs.update(attrs or {})
         self._fd: int | None = None
         self._datasets = None
         self._places: list[DirectRows | None] = []   # per dataset: where its rows lie, if known
         self._slab: list[Sequence[np.ndarray]] = []   # consecutive batches not yet written
         self._slab_start = self._slab_stop = 0
         self._slab_bytes = 0
+        try:
+            self._file.attrs.update(attrs or {})
+        except BaseException:
+            self.discard()  # nobody holds this writer yet to discard it
+            raise
 
     @property
     def direct(self) -> list[bool]:

@@ -55,6 +55,12 @@ def test_provenance_is_in_the_file_before_the_first_batch(tmp_path):
     writer.discard()
 
 
+def test_provenance_h5py_cannot_store_leaves_no_file(tmp_path):
+    with pytest.raises(TypeError):
+        OutputWriter(spec(tmp_path), 10, 5, {"job_text": "x", "odd": object()})
+    assert list(tmp_path.iterdir()) == []
+
+
 READ_ATTRS = """
 import json, sys, h5py
 with h5py.File(sys.argv[1], "r", locking=False) as f:
