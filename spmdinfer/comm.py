@@ -8,9 +8,9 @@ Every wait for a peer goes through `Channel.wait`, which tests a nonblocking
 request, checks the job-wide failure notices (`Peers`) and, between tests, yields
 the core for a while (`patience`: 1 ms when no more ranks may run on this rank's
 cores than it has, as when each has a core of its own or is bound to one, and 20 ms
-in the waits after the last batch; none otherwise), then sleeps with a growing backoff: ranks that wait do
-not burn a core when ranks outnumber cores, and no rank waits forever for a peer
-that has failed. Once a polite
+in the waits after the last batch; none otherwise), then sleeps with a growing
+backoff: ranks that wait do not burn a core when ranks outnumber cores, and no rank
+waits forever for a peer that has failed. Once a polite
 rendezvous shows every rank of a group is present, bulk transfers test without
 sleeping (they are moving), still checking for failure notices: a rank never sits
 in a blocking call that a failed peer will not join.
@@ -197,7 +197,7 @@ class Channel:
         every rank arrives within a few ms of the others: a rank with a core of its own
         yields for up to FINISH_YIELD_SECONDS before it sleeps, so that none of them wakes
         up to MAX_DELAY late. (Each wait of the finish waits on the one before, so those
-        late wake-ups added up: 2 to 4 ms at the end of a 0.13 s run over two hosts.)"""
+        late wake-ups added up: 3 to 5 ms at the end of a run over two emulated hosts.)"""
         if self.patience:
             self.patience = max(self.patience, FINISH_YIELD_SECONDS)
 

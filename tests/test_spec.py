@@ -1,7 +1,6 @@
 """Pure logic: the job-file contract, combine modes, input binding, batch reports."""
 
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -9,7 +8,7 @@ import pytest
 from spmdinfer.backends import TensorInfo, predict_in_fixed_batches
 from spmdinfer.input import InputField
 from spmdinfer.errors import BackendError, DataError, SpecError
-from spmdinfer.comm import FINISH_YIELD_SECONDS, YIELD_SECONDS, Channel, pack_header, unpack_header
+from spmdinfer.comm import pack_header, unpack_header
 from spmdinfer.program import bind_inputs
 from spmdinfer.combine import check_layout
 from spmdinfer.spec import Combine, DeviceSpec, load_spec, parse_spec
@@ -196,14 +195,6 @@ def test_ranks_share_only_the_cores_their_masks_have_in_common():
     assert sharing([frozenset({c}) for c in range(4)], node_rank=1) == 1  # bound to a core each
     sockets = [frozenset(range(4))] * 2 + [frozenset(range(4, 8))] * 2    # bound to a socket
     assert sharing(sockets, node_rank=3) == 2
-
-
-def test_only_ranks_that_yield_yield_longer_at_the_finish():
-    own_core, shared = SimpleNamespace(patience=YIELD_SECONDS), SimpleNamespace(patience=0.0)
-    for channel in (own_core, shared):
-        Channel.finishing(channel)
-    assert own_core.patience == FINISH_YIELD_SECONDS > YIELD_SECONDS
-    assert shared.patience == 0.0  # ranks outnumber cores: they still sleep at once
 
 
 def test_ranks_sharing_a_mask_take_its_cores_in_turn():
