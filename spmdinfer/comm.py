@@ -418,8 +418,7 @@ class Channel:
         """On failure: give packets in flight a moment to leave, so that no peer reads a
         buffer this process no longer holds; then drop them."""
         requests = [r for entry in self._outbox for r in entry[0]]
-        if requests:
-            sleep_until(lambda: self._mpi.Request.Testall(requests), seconds)
+        sleep_until(lambda: self._mpi.Request.Testall(requests), seconds)
         abandon(requests)
         self._outbox.clear()
 
