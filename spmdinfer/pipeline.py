@@ -205,7 +205,11 @@ class _BySharedMemory(Source):
     def close(self, finished: bool) -> None:
         super().close(finished)
         if finished:
-            self.shared.close()  # collective: only when every rank got here
+            # The others take the end from the root before it has committed its last batch,
+            # and the root can still fail there. Freeing is a blocking collective that hears
+            # no failure notice: a polite barrier first, which does.
+            self.group.barrier()
+            self.shared.close()
 
 
 class Stage:

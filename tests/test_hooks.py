@@ -39,6 +39,15 @@ def two_arguments(batch, other):
 
 def post_fails(batch):
     raise KeyError("z")
+
+calls = 0
+
+def post_fails_last(batch):  # on the fourth of five batches
+    global calls
+    calls += 1
+    if calls == 4:
+        raise KeyError("last")
+    return batch
 '''
 
 
@@ -113,6 +122,20 @@ def test_a_postprocess_that_raises_names_itself_and_the_rows(hooked):
                                "KeyError: 'z'")
     assert not (folder / "out" / "result.h5").exists()
     assert not (folder / "out" / "result.h5.partial").exists()
+
+
+@pytest.mark.mpi
+def test_a_postprocess_that_raises_on_the_last_batch_ends_every_rank(hooked):
+    """The fourth of five batches fails in rank 0's commit thread, which rank 0 mostly learns
+    of in the fifth batch's commit. Rank 1 has taken the end of the input by then, and must
+    still learn of the failure, not wait for rank 0 in the shared memory's collective free
+    (without the barrier before it, 6 of 8 runs hung)."""
+    folder, template, _, _ = hooked
+    result = run_cli("run", hooked_job(folder, template, post="hooks:post_fails_last"), n=2,
+                     timeout=60)
+    assert_clean_error(result, "[output] postprocess hooks:post_fails_last on rows 30..39 "
+                               "raised KeyError: 'last'")
+    assert not (folder / "out" / "result.h5").exists()
 
 
 @pytest.mark.mpi
