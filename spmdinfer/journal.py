@@ -140,8 +140,12 @@ class Journal:
         started = datetime.now(timezone.utc).isoformat(timespec="seconds")
         journal = cls(folder, {"identity": identity, "attempts": {}, "runs": 0,
                                "start_time": started}, fsync)
-        journal.save_manifest()
-        journal._open_log()
+        try:
+            journal.save_manifest()
+            journal._open_log()
+        except BaseException:  # no room for the manifest: no half-made folder left behind
+            remove_tree(folder)
+            raise
         return journal
 
     def _open_log(self) -> None:

@@ -72,7 +72,12 @@ class OutputWriter:
         self.paths = [path for _, path in spec.datasets]  # the datasets, in the order of each batch's arrays
         self._rows = rows
         self._batch_size = batch_size
-        self._file = h5py.File(self.temp_path, "w")  # the runner made the folder with the lock
+        try:
+            self._file = h5py.File(self.temp_path, "w")  # the runner made the folder with the lock
+        except OSError as exc:  # a folder of that name in the way, no room, no permission
+            reason = os.strerror(exc.errno) if exc.errno else str(exc)
+            raise DataError(f"[output] file {self.path}: cannot create {self.temp_path} "
+                            f"({reason})") from None
         self._fd: int | None = None
         self._datasets = None
         self._places: list[DirectRows | None] = []   # per dataset: where its rows lie, if known

@@ -34,7 +34,7 @@ from .collector import Collector
 from .comm import Channel
 from .input import InputField, InputReader
 from .output import OutputWriter
-from .errors import BackendError, SpmdinferError
+from .errors import BackendError, DataError, SpmdinferError
 from .failure import reported
 from .hooks import Hook, load_hooks, preprocessed_fields, schema_of
 from .journal import Journal, OutputLock, fingerprint, parts_folder
@@ -218,6 +218,10 @@ class Startup:
                                 len(starts) - len(pending), len(starts))
             except SpmdinferError as exc:
                 error = exc
+            except OSError as exc:  # the journal's folder, manifest or log: no room, no permission
+                error = DataError(f"[output] file {self.spec.output.file}: cannot write "
+                                  f"{parts_folder(self.spec.output.file)} "
+                                  f"({exc.strerror or exc}); nothing was scored")
         return self.world.agree(error, value=pending)
 
     def _identity(self, identities: list) -> dict:
@@ -232,14 +236,22 @@ class Startup:
     def start_collector(self, rows: int, identities: list, batches: int) -> None:
         """Rank 0 opens the output's temporary file and starts committing finished batches,
         also while it waits for its peers."""
+        error, code = None, 0
         if self.world.is_root:
-            writer = OutputWriter(self.spec.output, rows, self.spec.input.batch_size,
-                                  self._provenance(identities, rows, batches))
-            self.collector = Collector(self.world, self.journal, writer, self.lock, self.layout,
-                                       Progress(rows, self.show_progress),
-                                       self.spec.input.batch_size, self.spec.output.datasets,
-                                       self.post, cores=self.info.helper_cores)
-            self.world.idle = self.collector.poll
+            try:
+                writer = OutputWriter(self.spec.output, rows, self.spec.input.batch_size,
+                                      self._provenance(identities, rows, batches))
+                self.collector = Collector(self.world, self.journal, writer, self.lock,
+                                           self.layout, Progress(rows, self.show_progress),
+                                           self.spec.input.batch_size,
+                                           self.spec.output.datasets, self.post,
+                                           cores=self.info.helper_cores)
+                self.world.idle = self.collector.poll
+            except Exception as exc:
+                error, code = reported(exc, self.info)
+        # The others go on to split the world into groups, a blocking collective that hears
+        # no failure notice: they must learn here that rank 0 could not open its output.
+        self.world.agree(error, code)
 
     def _provenance(self, identities, rows: int, batches: int) -> dict:
         """The output file's attributes known at the start; `complete` and `end_time` are
@@ -247,12 +259,12 @@ class Startup:
         manifest = self.journal.manifest
         return {
             "spmdinfer_version": __version__,
-            "job_file": str(self.spec.path),
+            "job_file": _text(self.spec.path),
             "job_text": self.spec.text,
-            "input_file": str(self.spec.input.file),
+            "input_file": _text(self.spec.input.file),
             "backend": identities[0][2],
             "backend_version": identities[0][3],
-            "slice_files": [p for i in identities[:self.spec.model.ranks] for p in i[0]],
+            "slice_files": [_text(p) for i in identities[:self.spec.model.ranks] for p in i[0]],
             "slice_sha256": [h for i in identities[:self.spec.model.ranks] for h in i[1]],
             "world_size": self.world.size,
             "replicas": self.layout.replicas,
@@ -289,6 +301,12 @@ class Startup:
             except OSError:
                 break
         self.made_dirs = []
+
+
+def _text(path) -> str:
+    """A path as text that HDF5 can store: bytes of the name that are not UTF-8 (a name in
+    another encoding) become backslash escapes, as in `job\\xff.toml`."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
 
 
 def _templated(note: str, paths: list[Path], templates: tuple[str, ...]) -> str:

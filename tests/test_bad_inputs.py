@@ -315,6 +315,31 @@ def test_cli_refuses_output_under_a_regular_file(job):
     run_refused(folder, doc, "[output] file", "somefile.txt is not a folder")
 
 
+def test_a_folder_in_the_way_of_the_temporary_output_ends_every_rank(job):
+    """Rank 0 cannot create FILE.partial, and rank 1 has gone on towards the loop, whose
+    first step is a blocking collective: it must learn of the failure before (this hung)."""
+    folder, doc, _ = job
+    write_h5(folder / "in.h5", {"x": np.ones((10, 96), np.float32)})
+    (folder / "out" / "result.h5.partial").mkdir(parents=True)
+    result = run_cli("run", write_job(folder, doc), n=2, timeout=60)
+    assert_clean_error(result, "[output] file", "cannot create",
+                       "result.h5.partial (Is a directory)")
+    assert [p.name for p in (folder / "out").iterdir()] == ["result.h5.partial"]
+
+
+def test_a_job_file_named_in_another_encoding_is_recorded_with_escapes(job):
+    """A name that is not UTF-8 (Latin-1 here) cannot be stored by HDF5 as it is: the
+    output's provenance says it with a backslash escape."""
+    folder, doc, _ = job
+    write_h5(folder / "in.h5", {"x": np.ones((10, 96), np.float32)})
+    named = Path(os.fsdecode(os.fsencode(folder) + b"/job\xff.toml"))
+    write_job(folder, doc).rename(named)
+    result = run_cli("run", named, n=2, timeout=60)
+    assert result.returncode == 0, result.stderr
+    with h5py.File(folder / "out" / "result.h5", "r") as f:
+        assert f.attrs["job_file"] == f"{folder}/job\\xff.toml"
+
+
 def test_nan_and_inf_pass_through_untouched(job):
     folder, doc, weight = job
     x = np.random.default_rng(7).standard_normal((10, 96)).astype(np.float32)

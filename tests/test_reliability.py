@@ -440,6 +440,14 @@ def test_a_failing_collector_never_crashes_at_exit(reference, tmp_path, small_di
     assert codes == [2] * 5
 
 
+def test_no_room_for_the_journal_is_one_line_and_leaves_nothing(reference, tmp_path, small_disk):
+    subprocess.run(["mount", "-o", "remount,size=8k", str(small_disk)], check=True)
+    result = run_cli("run", small_disk_job(reference, tmp_path, small_disk), n=4)
+    assert_clean_error(result, f"cannot write {small_disk}/out/result.h5.parts "
+                               "(No space left on device); nothing was scored")
+    assert list(small_disk.iterdir()) == []
+
+
 def test_disk_full_keeps_committed_batches_then_resume(reference, tmp_path, small_disk):
     expected = reference[2]
     job = small_disk_job(reference, tmp_path, small_disk)
