@@ -62,6 +62,7 @@ print(json.dumps({
     "caller": mask(caller),
     "existing": sorted({tuple(mask(t)) for t in existing if t != caller and t in end}),
     "workers": [mask(t) for t in end if t != caller and busy[t] > 0.1 * max(busy.values())],
+    "pool": [mask(t) for t in end if t != caller and t not in existing],
     "used": used,
     "sum": float(first.sum()),
 }))
@@ -99,16 +100,20 @@ def probe(path, threads: int) -> dict:
 
 
 def test_one_thread_predicts_on_one_core_at_a_time(wide_mlp):
-    """threads = 1 on a 2-core mask: MindSpore's threads that do the predicting stay on one
-    core (without the budget its pool spreads each call over both, and so does the calling
-    thread, which helps with the kernels), the calling thread has its whole mask again between
-    runs, and the threads that were there before (the runner's) keep theirs
-    (spmdinfer.backends.mindspore._on_cores)."""
+    """threads = 1 on a 2-core mask: MindSpore's threads, and any thread that does the
+    predicting, stay on one core (without the budget its pool spreads each call over both,
+    and so does the calling thread, which helps with the kernels), the calling thread has
+    its whole mask again between runs, and the threads that were there before (the
+    runner's) keep theirs (spmdinfer.backends.mindspore._on_cores)."""
     path, expected = wide_mlp
     seen = probe(path, 1)
     assert len(seen["before"]) >= 2, f"this test needs 2 cores or more: {seen['before']}"
     budget = seen["before"][:1]
-    assert seen["workers"] and all(mask == budget for mask in seen["workers"]), seen
+    # The pool MindSpore made at the first run, whether or not it did the work: on some CPUs
+    # (an AVX-512 EPYC, 2026-12-06) the calling thread ran nearly every kernel itself and
+    # the pool's threads 1% of them, where elsewhere the pool did most.
+    assert seen["pool"] and all(mask == budget for mask in seen["pool"]), seen
+    assert all(mask == budget for mask in seen["workers"]), seen
     assert seen["caller"] == seen["loaded"] == seen["before"], seen
     assert seen["existing"] == [seen["before"]], seen
     # CPU seconds per wall second while predicting: a busy machine can only lower it.
