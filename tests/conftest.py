@@ -103,11 +103,12 @@ def run_cli(*args, n: int | None = None, timeout: float = MPI_TIMEOUT, env: dict
 
 
 def pids_running(needle: str) -> list[int]:
-    """The processes whose command line holds `needle`."""
+    """The processes whose command line holds `needle` (read as the OS gives it: a name that
+    is not UTF-8 is no error)."""
     found = []
     for proc in Path("/proc").glob("[0-9]*"):
         try:
-            if needle in (proc / "cmdline").read_text():
+            if needle in (proc / "cmdline").read_text(errors="surrogateescape"):
                 found.append(int(proc.name))
         except OSError:
             pass
@@ -121,10 +122,11 @@ def rank_pids(job: Path) -> dict[int, int]:
     for pid in pids_running(str(job)):
         proc = Path(f"/proc/{pid}")
         try:
-            env = dict(item.split("=", 1) for item in (proc / "environ").read_text().split("\0")
-                       if "=" in item)
+            environ = (proc / "environ").read_text(errors="surrogateescape")
+            env = dict(item.split("=", 1) for item in environ.split("\0") if "=" in item)
             rank = env.get("PMI_RANK", env.get("OMPI_COMM_WORLD_RANK"))
-            if rank is not None and "spmdinfer" in (proc / "cmdline").read_text():
+            command = (proc / "cmdline").read_text(errors="surrogateescape")
+            if rank is not None and "spmdinfer" in command:
                 pids[int(rank)] = pid
         except (OSError, ValueError):
             continue

@@ -315,10 +315,11 @@ def held_mid_run(slurm: SlurmCluster, job_id: str, job: Path, output: Path, sign
 
 def launcher_pid(job: Path) -> int:
     """The pid of the Open MPI launcher (prterun, started as mpiexec) running `job`."""
-    for proc in Path("/proc").iterdir():
+    for proc in Path("/proc").glob("[0-9]*"):
         try:
-            if proc.name.isdigit() and (proc / "comm").read_text().strip() in (
-                    "prterun", "mpiexec", "mpirun") and str(job) in (proc / "cmdline").read_text():
+            command = (proc / "cmdline").read_text(errors="surrogateescape")
+            if (proc / "comm").read_text().strip() in ("prterun", "mpiexec", "mpirun") \
+                    and str(job) in command:
                 return int(proc.name)
         except OSError:
             continue
