@@ -11,7 +11,7 @@ of the record; the gaps are zeros) and a CRC32 of everything before it:
     magic "SPB1" | length u64 | start i64 | arrays u32
     per array: dtype length u8 | dtype (numpy's dtype.str, ASCII) | ndim u8 | shape u64 * ndim
     zeros up to a multiple of 64 | per array: its bytes, zeros before it up to a multiple of 64
-    CRC32 (zlib) u32 of all the bytes above
+    CRC32 (zlib's) u32 of all the bytes above
 
 Each record goes out with one appending write, so a process killed in the middle of
 one leaves at most one torn record, at the end. A batch counts as committed only
@@ -40,7 +40,6 @@ import socket
 import struct
 import threading
 import time
-import zlib
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -48,6 +47,15 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from .errors import DataError, OutputExistsError
+
+try:
+    # zlib's own CRC-32, bit for bit, computed with the CPU's carry-less multiply: 0.016 ms
+    # a MiB on this machine against 0.144 with the interpreter's zlib, and a 1 MiB commit
+    # took 0.195 ms of CPU against 0.326. Rank 0's commit thread computes one for each
+    # batch's outputs, on a core the ranks may want.
+    from zlib_ng.zlib_ng import crc32
+except ImportError:  # an install without it writes and reads the same records
+    from zlib import crc32
 
 PARTS_SUFFIX = ".parts"
 LOCK_SUFFIX = ".lock"
@@ -333,9 +341,9 @@ def _record(start: int, arrays: Sequence[np.ndarray]) -> tuple[list, int]:
             position += data.nbytes
     length = position + CRC.size
     head = b"".join([HEAD.pack(MAGIC, length, start, len(meta)), *meta, _ZEROS[:_pad(head_len)]])
-    crc = zlib.crc32(head)
+    crc = crc32(head)
     for data in buffers:
-        crc = zlib.crc32(data, crc)
+        crc = crc32(data, crc)
     return [head, *buffers, CRC.pack(crc)], length
 
 
@@ -398,7 +406,7 @@ def _parse(record: np.ndarray) -> tuple[int, list[np.ndarray]]:
     """A record read into `record`: its first row and its arrays (views of `record`)."""
     length = len(record)
     body = length - CRC.size
-    if body < HEAD.size or zlib.crc32(memoryview(record)[:body]) != CRC.unpack_from(record, body)[0]:
+    if body < HEAD.size or crc32(memoryview(record)[:body]) != CRC.unpack_from(record, body)[0]:
         raise DataError("a record of the journal's log does not match its CRC")
     try:
         start, laid = _layout(record, length)
@@ -424,13 +432,13 @@ def _scan(f, size: int) -> tuple[dict[int, tuple[int, int]], int]:
             break
         body = length - CRC.size
         first = head + f.read(min(body, READ_CHUNK) - HEAD.size)  # the header is in here
-        crc = zlib.crc32(first)
+        crc = crc32(first)
         left = body - len(first)
         while left:
             chunk = f.read(min(left, READ_CHUNK))
             if not chunk:
                 break
-            crc = zlib.crc32(chunk, crc)
+            crc = crc32(chunk, crc)
             left -= len(chunk)
         tail = f.read(CRC.size)
         if left or len(tail) != CRC.size or CRC.unpack(tail)[0] != crc:

@@ -277,6 +277,33 @@ def test_the_crc_covers_the_record(output):
     assert int.from_bytes(data[-4:], "little") == zlib.crc32(data[:-4])
 
 
+def test_the_crc_is_zlib_ngs_and_a_log_from_plain_zlib_resumes(output, monkeypatch):
+    """The journal's CRC-32 comes from zlib-ng (a dependency); an install without it falls
+    back to the interpreter's zlib, and their logs are the same bytes."""
+    from zlib_ng import zlib_ng
+
+    from spmdinfer import journal as journal_module
+
+    assert journal_module.crc32 is zlib_ng.crc32
+    with monkeypatch.context() as patched:
+        patched.setattr(journal_module, "crc32", zlib.crc32)
+        journal = fresh(output)
+        journal.commit(0, batch(0))
+        journal.commit(4, batch(4, rows=3))
+        journal.close()
+    plain = log_path(output).read_bytes()
+    journal = resumed(output)
+    assert journal.committed() == {0, 4}
+    assert_same(journal.load(4), batch(4, rows=3))
+    journal.close()
+    other = output.with_name("other.h5")
+    journal = fresh(other)
+    journal.commit(0, batch(0))
+    journal.commit(4, batch(4, rows=3))
+    journal.close()
+    assert log_path(other).read_bytes() == plain
+
+
 def test_load_checks_the_crc(output):
     journal = fresh(output)
     journal.commit(0, batch(0))
