@@ -238,6 +238,7 @@ class Startup:
         also while it waits for its peers."""
         error, code = None, 0
         if self.world.is_root:
+            writer = None
             try:
                 writer = OutputWriter(self.spec.output, rows, self.spec.input.batch_size,
                                       self._provenance(identities, rows, batches))
@@ -248,6 +249,8 @@ class Startup:
                                            cores=self.info.helper_cores)
                 self.world.idle = self.collector.poll
             except Exception as exc:
+                if writer is not None and self.collector is None:
+                    writer.discard()  # nothing else holds it to discard it
                 error, code = reported(exc, self.info)
         # The others go on to split the world into groups, a blocking collective that hears
         # no failure notice: they must learn here that rank 0 could not open its output.
