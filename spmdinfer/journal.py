@@ -32,6 +32,7 @@ run never blocks `--resume`.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import json
@@ -50,8 +51,8 @@ from .errors import DataError, OutputExistsError
 
 try:
     # zlib's own CRC-32, bit for bit, computed with the CPU's carry-less multiply: 0.016 ms
-    # a MiB on this machine against 0.144 with the interpreter's zlib, and a 1 MiB commit
-    # took 0.195 ms of CPU against 0.326. Rank 0's commit thread computes one for each
+    # a MiB against 0.144 with the interpreter's zlib, and a 1 MiB commit took 0.195 ms of
+    # CPU against 0.326 (an AVX-512 AMD EPYC, 2026-12-06; docs/performance.md). Rank 0's commit thread computes one for each
     # batch's outputs, on a core the ranks may want.
     from zlib_ng.zlib_ng import crc32
 except ImportError:  # an install without it writes and reads the same records
@@ -152,7 +153,8 @@ class Journal:
             journal.save_manifest()
             journal._open_log()
         except BaseException:  # no room for the manifest: no half-made folder left behind
-            remove_tree(folder)
+            with contextlib.suppress(OSError):
+                remove_tree(folder)
             raise
         return journal
 

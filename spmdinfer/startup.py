@@ -205,8 +205,9 @@ class Startup:
         which batches are still to do."""
         error = pending = None
         if self.world.is_root:
+            identity = self._identity(identities)  # reads the input's size and times
             try:
-                self.journal = Journal.open(self.spec.output.file, self._identity(identities),
+                self.journal = Journal.open(self.spec.output.file, identity,
                                             self.resume, self.overwrite, self.spec.run.fsync)
                 committed = self.journal.committed()
                 pending = [s for s in starts if s not in committed]

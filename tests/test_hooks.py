@@ -129,12 +129,13 @@ def test_a_postprocess_that_raises_on_the_last_batch_ends_every_rank(hooked):
     """The fourth of five batches fails in rank 0's commit thread, which rank 0 mostly learns
     of in the fifth batch's commit. Rank 1 has taken the end of the input by then, and must
     still learn of the failure, not wait for rank 0 in the shared memory's collective free
-    (without the barrier before it, 6 of 8 runs hung)."""
+    (without the barrier before it, 6 of 8 runs hung, 3 of 5 under pytest)."""
     folder, template, _, _ = hooked
-    result = run_cli("run", hooked_job(folder, template, post="hooks:post_fails_last"), n=2,
-                     timeout=60)
-    assert_clean_error(result, "[output] postprocess hooks:post_fails_last on rows 30..39 "
-                               "raised KeyError: 'last'")
+    job = hooked_job(folder, template, post="hooks:post_fails_last")
+    for _ in range(3):  # each run catches the hang about 3 times in 4
+        result = run_cli("run", job, n=2, timeout=60)
+        assert_clean_error(result, "[output] postprocess hooks:post_fails_last on rows 30..39 "
+                                   "raised KeyError: 'last'")
     assert not (folder / "out" / "result.h5").exists()
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import threading
 import time
@@ -302,6 +303,16 @@ def test_the_crc_is_zlib_ngs_and_a_log_from_plain_zlib_resumes(output, monkeypat
     journal.commit(4, batch(4, rows=3))
     journal.close()
     assert log_path(other).read_bytes() == plain
+
+
+def test_a_fresh_journal_that_cannot_be_written_leaves_no_folder(output, monkeypatch):
+    def no_room(self):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Journal, "_open_log", no_room)
+    with pytest.raises(OSError, match="No space"):
+        fresh(output)
+    assert not parts_folder(output).exists()
 
 
 def test_load_checks_the_crc(output):
