@@ -24,7 +24,8 @@ import pytest
 
 from spmdinfer.journal import committed_batches
 from tests.conftest import (LOOPBACK_ENV, OPENMPI_BIN, REPO, dynamic, export_mindir, held, rank_pids,
-                            read_h5, resume, run_cli, stop, wait_pending, write_h5, write_job)
+                            read_h5, resume, run_cli, run_until, step_until_gone, stop,
+                            wait_pending, write_h5, write_job)
 from tests.slurm_cluster import SlurmCluster, SlurmError
 
 SCRIPTS = REPO / "slurm"
@@ -270,20 +271,21 @@ def long_job(folder: Path, template: Path, x: np.ndarray) -> Path:
     })
 
 
-def wait_until_scoring(slurm: SlurmCluster, job_id: str, output: Path) -> None:
-    """Until a few batches are committed (records in FILE.parts/batches.log), however long
-    the ranks take to start on a busy machine (the deadline is a safety net, not a window),
-    as long as the job runs."""
+def wait_until_scoring(slurm: SlurmCluster, job_id: str, job: Path,
+                       output: Path) -> dict[int, int]:
+    """The job's two ranks (rank -> pid), stopped once a few batches are committed (records in
+    FILE.parts/batches.log), however long they take to start on a busy machine (the deadline
+    is a safety net, not a window): stopped as soon as they are up, then let go on in short
+    steps. (Polled while they ran free, a fast machine's ranks had scored nearly the whole
+    job before a busy test looked: two CPU hogs, an AVX-512 EPYC.)"""
     slurm.wait(job_id, timeout=600, until=lambda records: records[0]["JobState"] != "PENDING")
     deadline = time.monotonic() + 600
-    looks = 0
-    while committed_batches(output) < 8:
-        looks += 1
-        if looks % 50 == 0:  # about once a second: scontrol is not free on a busy machine
-            state = slurm.jobs(job_id)[0]["JobState"]
-            assert state == "RUNNING", f"the job is {state} before committing 8 batches"
-        assert time.monotonic() < deadline, "the job committed fewer than 8 batches in 600 s"
-        time.sleep(0.02)
+    while len(pids := rank_pids(job)) < 2:
+        assert time.monotonic() < deadline, f"the ranks of {job} were not up in 600 s"
+        time.sleep(0.01)
+    stop(pids.values())
+    run_until(pids.values(), lambda: committed_batches(output) >= 8, None)
+    return pids
 
 
 @contextlib.contextmanager
@@ -295,9 +297,9 @@ def held_mid_run(slurm: SlurmCluster, job_id: str, job: Path, output: Path, sign
 
     Open MPI's mpiexec may never forward a signal that reaches it while its ranks are
     stopped (tests/conftest.py, forward): there the launcher is held too, the signal made
-    pending on it, and the ranks continued before it."""
-    wait_until_scoring(slurm, job_id, output)
-    pids = rank_pids(job)
+    pending on it, then the launcher continued and the ranks let go on in short steps until
+    they end."""
+    pids = wait_until_scoring(slurm, job_id, job, output)
     assert sorted(pids) == [0, 1], (pids, slurm.jobs(job_id))
     if not openmpi:
         with held(pids.values(), until_pending=signum):
@@ -308,6 +310,10 @@ def held_mid_run(slurm: SlurmCluster, job_id: str, job: Path, output: Path, sign
     try:
         yield
         wait_pending([launcher], signum)  # (Slurm's requeue sends SIGCONT first: no wait then)
+        resume([launcher])
+        # Continued at once, the ranks of a fast machine had finished the job before mpirun
+        # forwarded the signal (two CPU hogs, an AVX-512 EPYC): they go on in steps instead.
+        step_until_gone(pids.values())
     finally:
         resume(pids.values())
         resume([launcher])
