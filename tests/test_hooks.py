@@ -133,7 +133,7 @@ def test_a_postprocess_that_raises_on_the_last_batch_ends_every_rank(hooked):
     folder, template, _, _ = hooked
     job = hooked_job(folder, template, post="hooks:post_fails_last")
     for _ in range(3):  # each run catches the hang about 3 times in 4
-        result = run_cli("run", job, n=2, timeout=60)
+        result = run_cli("run", job, "--overwrite", n=2, timeout=60)  # over the parts left
         assert_clean_error(result, "[output] postprocess hooks:post_fails_last on rows 30..39 "
                                    "raised KeyError: 'last'")
     assert not (folder / "out" / "result.h5").exists()

@@ -30,7 +30,7 @@ from tests.conftest import (PYTHON, REPO, UNDER_OPENMPI, assert_clean_error, dyn
 pytestmark = [pytest.mark.mpi, pytest.mark.launcher]
 
 EXIT_STOPPED = 75
-ROWS, BATCH = 3000, 10
+ROWS, BATCH = 12000, 10  # 1,200 batches: 300 once ended inside one step (a fast EPYC, hogs)
 
 
 def start_run(job: Path, n: int, *extra, launch: list[str] | None = None) -> subprocess.Popen:
@@ -48,7 +48,7 @@ def stopped_at(run: subprocess.Popen, job: Path, batches: int, n: int = 4) -> di
     """The ranks of `run` (rank -> pid), stopped once at least `batches` batches of `job` are
     committed (its folder's out/result.h5): in steps of 10 ms through start-up (until the
     journal's log exists, just before the first batch), then of 5 ms (on an AVX-512 EPYC a
-    step of 50 ms could score the job's 300 batches)."""
+    step of 50 ms could score 300 batches)."""
     pids = ranks_up(job, n, run)
     stop(pids.values())
     log = parts_folder(job.parent / "out" / "result.h5") / LOG
@@ -112,7 +112,7 @@ def reference(tmp_path_factory, onnx_matmul_slices):
 
 
 def reference_run(tmp_path_factory, slices) -> tuple[Path, dict, dict]:
-    """The reference job (2 replicas of 2 column slices, 300 batches, a NaN and an inf in
+    """The reference job (2 replicas of 2 column slices, 1,200 batches, a NaN and an inf in
     the input) run once without interruption on `slices` (conftest's matmul_slices or
     onnx_matmul_slices): (folder, job document, output)."""
     template, _ = slices
@@ -301,7 +301,7 @@ def test_corrupt_slice_then_fixed_slice(tmp_path, matmul_slices):
 def test_second_run_on_the_same_output_fails_fast_and_stale_lock_is_taken(reference, tmp_path):
     job = copy_job(reference, tmp_path)
     run = start_run(job, 4)
-    # Hold the first run's ranks (they finish 300 batches in about a second, sooner than a
+    # Hold the first run's ranks (a short job ends sooner than a
     # second mpiexec starts) so that it still holds the lock while the second one starts.
     pids = stopped_at(run, job, 3)
     try:
@@ -412,7 +412,7 @@ def test_resume_of_a_complete_output_does_nothing(reference, tmp_path):
 @pytest.fixture
 def small_disk(tmp_path):
     """A 32 KiB tmpfs (the tests run as root, as CI does), unmounted afterwards: room for about
-    a third of the job's 300 batches in the journal's log."""
+    about 100 of the job's batches in the journal's log."""
     mount = tmp_path / "disk"
     mount.mkdir()
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=32k", "tmpfs", str(mount)], check=True)
